@@ -1,0 +1,1 @@
+"""ringlm.server.engine"""

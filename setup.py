@@ -1,0 +1,96 @@
+"""Build ringlm: maps the top-level folders into one package and compiles the Cython hot paths.
+
+The repository root is the `ringlm` package: `ext/` installs as `ringlm.ext`,
+`server/` as `ringlm.server`, and so on, so nothing called `server` or `client`
+lands in site-packages. The Cython extensions are required (no pure-Python
+fallback); OpenMP is used when the compiler has it.
+"""
+
+import os
+import subprocess
+import sys
+import tempfile
+
+import numpy
+from Cython.Build import cythonize
+from setuptools import Extension, setup
+
+PACKAGES = {
+    "ringlm": ".",
+    "ringlm.idl": "idl",
+    "ringlm.ext": "ext",
+    "ringlm.server": "server",
+    "ringlm.server.model": "server/model",
+    "ringlm.server.engine": "server/engine",
+    "ringlm.client": "client",
+}
+
+CYTHON_MODULES = ["_bpe", "_sampling"]
+
+
+def compiler_has_openmp() -> bool:
+    """True when the C compiler builds and links a trivial OpenMP program."""
+    if os.environ.get("RINGLM_NO_OPENMP"):
+        return False
+    source = "#include <omp.h>\nint main(void){return omp_get_max_threads() > 0 ? 0 : 1;}\n"
+    with tempfile.TemporaryDirectory() as tmp:
+        path = os.path.join(tmp, "omp.c")
+        with open(path, "w") as f:
+            f.write(source)
+        cc = os.environ.get("CC", "cc")
+        result = subprocess.run([cc, "-fopenmp", path, "-o", os.path.join(tmp, "omp")],
+                                capture_output=True)
+        return result.returncode == 0
+
+
+def extensions() -> list:
+    openmp = ["-fopenmp"] if sys.platform != "win32" and compiler_has_openmp() else []
+    modules = []
+    for name in CYTHON_MODULES:
+        source = os.path.join("ext", f"{name}.pyx")
+        if not os.path.exists(source):
+            continue
+        modules.append(Extension(
+            f"ringlm.ext.{name}",
+            [source],
+            language="c++",
+            include_dirs=[numpy.get_include(), "ext"],
+            extra_compile_args=["-O3", "-std=c++17", *openmp],
+            extra_link_args=openmp,
+            define_macros=[("NPY_NO_DEPRECATED_API", "NPY_1_7_API_VERSION")],
+        ))
+    return cythonize(modules, language_level=3, compiler_directives={
+        "boundscheck": False, "wraparound": False, "cdivision": True,
+        "initializedcheck": False,
+    })
+
+
+setup(
+    name="ringlm",
+    version="0.1.0",
+    description="Language-model serving over Thrift: gevent workers, Cython hot paths, a consistent-hash client.",
+    license="Apache-2.0",
+    python_requires=">=3.11",
+    package_dir=PACKAGES,
+    packages=list(PACKAGES),
+    package_data={"ringlm.idl": ["*.thrift"], "ringlm.ext": ["*.pyx", "*.pxd", "*.h"]},
+    ext_modules=extensions(),
+    install_requires=[
+        "numpy>=1.26",
+        "torch>=2.1",
+        "gguf>=0.10",
+        "jinja2>=3.1",
+    ],
+    extras_require={
+        "dev": [
+            "pytest>=8",
+            "pytest-timeout>=2.3",
+            "hypothesis>=6.100",
+            "tokenizers>=0.20",
+            "tiktoken>=0.7",
+            "transformers>=4.45",
+            "rich>=13",
+        ],
+    },
+    entry_points={"console_scripts": ["ringlm = ringlm.cli:main"]},
+)
