@@ -80,6 +80,7 @@ setup(
         "torch>=2.1",
         "gguf>=0.10",
         "jinja2>=3.1",
+        "regex>=2024.9",
     ],
     extras_require={
         "dev": [

@@ -1,0 +1,332 @@
+"""Tokenizer: byte-level BPE models (GPT-2, SmolLM2, Llama 3, Qwen2) over the Cython core.
+
+Loads the vocabulary, merges, special tokens and chat template from a GGUF file
+or a Hugging Face `tokenizer.json` folder, and gives exactly the ids Hugging
+Face `tokenizers` gives with the model's original pre-tokenizer. The hot loops
+(splitting and merging) live in `_bpe.pyx`; this module is the policy around
+them: which split rule, which special tokens, text <-> UTF-8, chat templates.
+"""
+
+from __future__ import annotations
+
+import codecs
+import json
+import os
+import unicodedata
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Iterable, Sequence
+
+import jinja2
+import jinja2.sandbox
+
+from ringlm.ext import _bpe
+
+# GGUF `tokenizer.ggml.pre` values (as llama.cpp names them) -> split rules.
+SPLIT_RULES = {
+    "gpt2": _bpe.SPLIT_GPT2,
+    "gpt-2": _bpe.SPLIT_GPT2,
+    "smollm": _bpe.SPLIT_SMOLLM,
+    "llama-bpe": _bpe.SPLIT_LLAMA3,
+    "llama3": _bpe.SPLIT_LLAMA3,
+    "llama-v3": _bpe.SPLIT_LLAMA3,
+    "qwen2": _bpe.SPLIT_QWEN2,
+}
+
+# The split regexes of Hugging Face tokenizer.json files, for from_pretrained.
+LLAMA3_PATTERN = (r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}"
+                  r"| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+")
+QWEN2_PATTERN = (r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}"
+                 r"| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+")
+GPT2_PATTERN = r"'s|'t|'re|'ve|'m|'ll|'d| ?\p{L}+| ?\p{N}+| ?[^\s\p{L}\p{N}]+|\s+(?!\S)|\s+"
+PATTERN_RULES = {LLAMA3_PATTERN: _bpe.SPLIT_LLAMA3, QWEN2_PATTERN: _bpe.SPLIT_QWEN2,
+                 GPT2_PATTERN: _bpe.SPLIT_GPT2}
+
+# GGUF token types (llama.cpp's llama_token_type).
+TOKEN_CONTROL = 3
+TOKEN_USER_DEFINED = 4
+
+
+class TokenizerLoadError(ValueError):
+    """A tokenizer file that is missing, corrupt or of a kind ringlm does not support."""
+
+
+def bytes_to_unicode() -> dict[int, str]:
+    """GPT-2's byte -> printable character map that byte-level vocabularies are written in.
+
+    Printable Latin-1 bytes stand for themselves; the rest (control bytes, space,
+    0x7F-0xA0, 0xAD) are shifted to U+0100 and up, in byte order.
+    """
+    printable = [*range(ord("!"), ord("~") + 1), *range(ord("¡"), ord("¬") + 1),
+                 *range(ord("®"), ord("ÿ") + 1)]
+    table = {b: chr(b) for b in printable}
+    shifted = 0
+    for b in range(256):
+        if b not in table:
+            table[b] = chr(256 + shifted)
+            shifted += 1
+    return table
+
+
+UNICODE_TO_BYTE = {c: b for b, c in bytes_to_unicode().items()}
+
+
+def token_string_to_bytes(token: str) -> bytes:
+    """Raw bytes of a byte-level vocabulary entry (characters outside the map are UTF-8)."""
+    out = bytearray()
+    for c in token:
+        b = UNICODE_TO_BYTE.get(c)
+        if b is None:
+            out += c.encode("utf-8")
+        else:
+            out.append(b)
+    return bytes(out)
+
+
+def check_text(text: str) -> None:
+    """A TypeError for non-text, a ValueError that says where a lone surrogate is."""
+    if not isinstance(text, str):
+        raise TypeError(f"text must be a str, not {type(text).__name__}")
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError as error:
+        bad = ord(text[error.start])
+        raise ValueError(f"text has a lone surrogate U+{bad:04X} at index {error.start}: "
+                         "it is not valid Unicode and cannot be tokenized") from None
+
+
+@dataclass
+class TokenizerSpec:
+    """Everything a Tokenizer is built from, whatever the file format."""
+
+    tokens: list[str]                  # vocabulary entries in byte-level form, by id
+    merges: list[tuple[str, str]]      # by rank
+    split_rule: int
+    special_ids: list[int] = field(default_factory=list)   # matched in text, skipped in decode
+    added_ids: list[int] = field(default_factory=list)     # matched in text, kept in decode
+    bos_id: int | None = None
+    eos_id: int | None = None
+    add_bos: bool = False
+    add_eos: bool = False
+    chat_template: str | None = None
+    ignore_merges: bool = False
+    normalize_nfc: bool = False
+    source: str = "<memory>"
+
+
+class Tokenizer:
+    """Byte-level BPE tokenizer.
+
+    >>> tok = Tokenizer.from_gguf(default_model_path())
+    >>> tok.decode(tok.encode("Hello world"))
+    'Hello world'
+    """
+
+    def __init__(self, spec: TokenizerSpec):
+        self.spec = spec
+        self._token_ids = {token: i for i, token in enumerate(spec.tokens)}
+        added = set(spec.special_ids) | set(spec.added_ids)
+        token_bytes = [spec.tokens[i].encode("utf-8") if i in added
+                       else token_string_to_bytes(spec.tokens[i])
+                       for i in range(len(spec.tokens))]
+        self._core = _bpe.BytePairEncoder(
+            token_bytes, self._merge_ids(spec), sorted(added), list(spec.special_ids),
+            spec.split_rule, spec.ignore_merges)
+        self._template = None
+
+    def _merge_ids(self, spec: TokenizerSpec) -> list[tuple[int, int, int]]:
+        ids = self._token_ids
+        merges = []
+        for rank, (left, right) in enumerate(spec.merges):
+            try:
+                merges.append((ids[left], ids[right], ids[left + right]))
+            except KeyError as missing:
+                raise TokenizerLoadError(
+                    f"{spec.source}: merge #{rank} '{left} {right}' uses {missing} "
+                    "which is not in the vocabulary") from None
+        return merges
+
+    # -- loading
+
+    @classmethod
+    def from_gguf(cls, path: str | os.PathLike) -> Tokenizer:
+        """Load from a GGUF model file's `tokenizer.*` metadata."""
+        from ringlm.ext.tokenizer_files import read_gguf_spec
+        return cls(read_gguf_spec(Path(path)))
+
+    @classmethod
+    def from_pretrained(cls, folder: str | os.PathLike) -> Tokenizer:
+        """Load from a Hugging Face folder (tokenizer.json, optional tokenizer_config.json)."""
+        from ringlm.ext.tokenizer_files import read_hf_spec
+        return cls(read_hf_spec(Path(folder)))
+
+    @classmethod
+    def from_model(cls, name: str | os.PathLike = "default") -> Tokenizer:
+        """Load the tokenizer of a `--model` value: "default", a .gguf file or a HF folder."""
+        from ringlm.models import resolve_model_path
+        path = resolve_model_path(name)
+        return cls.from_pretrained(path) if path.is_dir() else cls.from_gguf(path)
+
+    # -- the vocabulary
+
+    @property
+    def vocab_size(self) -> int:
+        return len(self.spec.tokens)
+
+    @property
+    def bos_id(self) -> int | None:
+        return self.spec.bos_id
+
+    @property
+    def eos_id(self) -> int | None:
+        return self.spec.eos_id
+
+    @property
+    def special_ids(self) -> list[int]:
+        return list(self.spec.special_ids)
+
+    @property
+    def split_rule(self) -> int:
+        return self.spec.split_rule
+
+    def token_to_id(self, token: str) -> int | None:
+        """Id of a vocabulary entry as the vocabulary spells it (e.g. 'Ġthe'), or None."""
+        return self._token_ids.get(token)
+
+    def id_to_token(self, token_id: int) -> str:
+        if not 0 <= token_id < self.vocab_size:
+            raise ValueError(f"token id {token_id} is not in the vocabulary (0..{self.vocab_size - 1})")
+        return self.spec.tokens[token_id]
+
+    def token_bytes(self, token_id: int) -> bytes:
+        """The raw bytes one token stands for (special tokens: their text)."""
+        return self._core.token_bytes(token_id)
+
+    # -- encoding and decoding
+
+    def _prepare(self, text: str) -> str:
+        if not isinstance(text, str):
+            check_text(text)
+        return unicodedata.normalize("NFC", text) if self.spec.normalize_nfc else text
+
+    def _encode_checked(self, encode, texts):
+        """Run a core encode; turn its UnicodeEncodeError into a clear ValueError."""
+        try:
+            return encode()
+        except UnicodeEncodeError:
+            for text in texts:
+                check_text(text)
+            raise
+
+    def _with_specials(self, ids: list[int], add_special_tokens: bool) -> list[int]:
+        if add_special_tokens:
+            if self.spec.add_bos and self.spec.bos_id is not None:
+                ids.insert(0, self.spec.bos_id)
+            if self.spec.add_eos and self.spec.eos_id is not None:
+                ids.append(self.spec.eos_id)
+        return ids
+
+    def encode(self, text: str, add_special_tokens: bool = False,
+               parse_special: bool = True) -> list[int]:
+        """Token ids of text.
+
+        Special tokens written in the text (e.g. '<|im_end|>') become their ids,
+        as in Hugging Face; pass parse_special=False to tokenize them as plain
+        text (for untrusted input). add_special_tokens adds the model's BOS/EOS
+        where its metadata asks for them.
+        """
+        text = self._prepare(text)
+        ids = self._encode_checked(lambda: self._core.encode(text, parse_special), (text,))
+        return self._with_specials(ids, add_special_tokens)
+
+    def encode_batch(self, texts: Sequence[str], add_special_tokens: bool = False,
+                     parse_special: bool = True, num_threads: int = 0) -> list[list[int]]:
+        """Token ids of many texts, encoded in parallel threads without the GIL.
+
+        num_threads=0 uses every core this process may run on.
+        """
+        if num_threads <= 0:
+            num_threads = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+        texts = [self._prepare(text) for text in texts]
+        batch = self._encode_checked(
+            lambda: self._core.encode_batch(texts, parse_special, num_threads), texts)
+        return [self._with_specials(ids, add_special_tokens) for ids in batch]
+
+    def decode(self, ids: Iterable[int], skip_special_tokens: bool = False) -> str:
+        """Text of token ids; bytes that are not valid UTF-8 become U+FFFD."""
+        return self._core.decode(ids, skip_special_tokens).decode("utf-8", "replace")
+
+    def incremental_decoder(self, skip_special_tokens: bool = False) -> IncrementalDecoder:
+        return IncrementalDecoder(self, skip_special_tokens)
+
+    # -- chat
+
+    def apply_chat_template(self, messages: Sequence[dict], add_generation_prompt: bool = True,
+                            **variables) -> str:
+        """Render chat messages with the model's own Jinja template, as Hugging Face does."""
+        if not self.spec.chat_template:
+            raise ValueError(f"{self.spec.source}: this model has no chat template")
+        check_messages(messages)
+        if self._template is None:
+            self._template = compile_chat_template(self.spec.chat_template)
+        special = {}
+        if self.spec.bos_id is not None:
+            special["bos_token"] = self.spec.tokens[self.spec.bos_id]
+        if self.spec.eos_id is not None:
+            special["eos_token"] = self.spec.tokens[self.spec.eos_id]
+        return self._template.render(messages=list(messages),
+                                     add_generation_prompt=add_generation_prompt,
+                                     **special, **variables)
+
+
+class IncrementalDecoder:
+    """Turns token ids, fed one at a time, into text, never emitting half a character.
+
+    A character whose UTF-8 bytes are split across tokens is held back until
+    its last byte arrives; bytes that can never form a character come out as
+    U+FFFD, exactly as `Tokenizer.decode` gives for the whole sequence.
+    """
+
+    def __init__(self, tokenizer: Tokenizer, skip_special_tokens: bool = False):
+        self._tokenizer = tokenizer
+        self._skip = skip_special_tokens
+        self._utf8 = codecs.getincrementaldecoder("utf-8")("replace")
+
+    def feed(self, token_id: int) -> str:
+        """The complete text that token_id finishes (may be '')."""
+        return self._utf8.decode(self._tokenizer._core.decode((token_id,), self._skip))
+
+    def feed_many(self, token_ids: Iterable[int]) -> str:
+        return self._utf8.decode(self._tokenizer._core.decode(token_ids, self._skip))
+
+    def flush(self) -> str:
+        """Whatever is held back, as U+FFFD (the stream ended inside a character)."""
+        return self._utf8.decode(b"", final=True)
+
+
+def check_messages(messages: Sequence[dict]) -> None:
+    """A clear error for chat messages that are not [{'role': str, 'content': str}, ...]."""
+    if isinstance(messages, (str, bytes)) or not isinstance(messages, Sequence):
+        raise ValueError("messages must be a list of {'role': ..., 'content': ...} dicts")
+    for i, message in enumerate(messages):
+        if not isinstance(message, dict):
+            raise ValueError(f"message {i} must be a dict, not {type(message).__name__}")
+        for key in ("role", "content"):
+            if not isinstance(message.get(key), str):
+                raise ValueError(f"message {i} needs a string '{key}'")
+
+
+def compile_chat_template(source: str) -> jinja2.Template:
+    """A sandboxed Jinja environment set up as Hugging Face's chat templates expect."""
+    def raise_exception(message):
+        raise jinja2.exceptions.TemplateError(message)
+
+    env = jinja2.sandbox.ImmutableSandboxedEnvironment(
+        trim_blocks=True, lstrip_blocks=True, extensions=["jinja2.ext.loopcontrols"])
+    env.filters["tojson"] = lambda value, indent=None: json.dumps(value, ensure_ascii=False,
+                                                                  indent=indent)
+    env.globals["raise_exception"] = raise_exception
+    try:
+        return env.from_string(source)
+    except jinja2.exceptions.TemplateSyntaxError as error:
+        raise TokenizerLoadError(f"the chat template does not parse: {error}") from None
