@@ -36,7 +36,7 @@ build: install
 	$(PY) setup.py --quiet build_ext --inplace
 
 demo: install
-	$(PY) -m ringlm.demo
+	$(VENV)/bin/ringlm demo
 
 test: install
 	$(PY) -m pytest -q tests

