@@ -81,6 +81,10 @@ setup(
         "gguf>=0.10",
         "jinja2>=3.1",
         "regex>=2024.9",
+        "gevent>=24.2",
+        "safetensors>=0.4",
+        "thriftpy2>=0.5",
+        "prometheus_client>=0.20",
     ],
     extras_require={
         "dev": [
@@ -90,6 +94,7 @@ setup(
             "tokenizers>=0.20",
             "tiktoken>=0.7",
             "transformers>=4.45",
+            "accelerate>=1.0",
             "rich>=13",
         ],
     },
