@@ -25,7 +25,7 @@ PACKAGES = {
     "ringlm.client": "client",
 }
 
-CYTHON_MODULES = ["_bpe", "_sampling"]
+CYTHON_MODULES = ["_bpe", "_sampling", "_ring"]
 
 
 def compiler_has_openmp() -> bool:
