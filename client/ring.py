@@ -19,7 +19,7 @@ the membership and the policy.
 from __future__ import annotations
 
 import math
-from collections.abc import Iterator, Mapping
+from collections.abc import Mapping
 
 from ringlm.ext._ring import Continuum, ketama_points, key_hash
 
@@ -36,8 +36,7 @@ class Ring:
             raise ValueError(f"load_factor must be >= 1, got {load_factor}")
         self.load_factor = load_factor
         self._weights: dict[str, float] = {}
-        self._names: list[str] = []
-        self._continuum = Continuum([], [])
+        self._continuum = Continuum([], [], [])
         for node, weight in (nodes or {}).items():
             self._check(node, weight)
             self._weights[node] = weight
@@ -52,14 +51,13 @@ class Ring:
 
     def _rebuild(self) -> None:
         total = sum(self._weights.values())
-        self._names = list(self._weights)
         owner_of: dict[int, int] = {}
         for index, (node, weight) in enumerate(self._weights.items()):   # a later node wins a collision
             groups = int(POINT_GROUPS_PER_NODE * len(self._weights) * weight // total)
             for point in ketama_points(node, groups):
                 owner_of[point] = index
         points = sorted(owner_of)
-        self._continuum = Continuum(points, [owner_of[p] for p in points])
+        self._continuum = Continuum(points, [owner_of[p] for p in points], list(self._weights))
 
     # -- membership
 
@@ -93,27 +91,13 @@ class Ring:
 
     # -- lookup
 
-    def _check_not_empty(self) -> None:
-        if not len(self._continuum):
-            raise LookupError("the ring has no nodes")
-
     def node_for(self, key: str) -> str:
         """The key's home node."""
-        self._check_not_empty()
-        return self._names[self._continuum.owner_of(key)]
+        return self._continuum.node_for(key)
 
-    def nodes_for(self, key: str) -> Iterator[str]:
+    def nodes_for(self, key: str) -> list[str]:
         """Every node once, in the order the key meets them clockwise: home first, then fallbacks."""
-        self._check_not_empty()
-        continuum, seen = self._continuum, set()
-        start = continuum.start(key)
-        for offset in range(len(continuum)):
-            node = self._names[continuum.owner(start + offset)]
-            if node not in seen:
-                seen.add(node)
-                yield node
-                if len(seen) == len(self._weights):
-                    return
+        return self._continuum.nodes_for(key)
 
     def capacity(self, loads: Mapping[str, int]) -> int:
         """Most in-flight requests a node may hold before keys spill to the next node."""
@@ -126,9 +110,12 @@ class Ring:
 
         Falls back to the first non-excluded node when every node is full.
         """
+        home = self._continuum.node_for(key)
         limit = self.capacity(loads)
+        if home not in exclude and loads.get(home, 0) < limit:
+            return home   # the common case, without walking the ring
         fallback = None
-        for node in self.nodes_for(key):
+        for node in self._continuum.nodes_for(key):
             if node in exclude:
                 continue
             if loads.get(node, 0) < limit:

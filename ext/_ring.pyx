@@ -54,23 +54,27 @@ def key_hash(str key) -> int:
 
 
 cdef class Continuum:
-    """Sorted points and the index of the node owning each."""
+    """Sorted points, the index of the node owning each, and the node names."""
 
     cdef vector[uint32_t] points
     cdef vector[int32_t] owners
+    cdef list names
 
-    def __init__(self, list points, list owners):
+    def __init__(self, list points, list owners, list names):
         self.points = points
         self.owners = owners
+        self.names = names
 
     def __len__(self) -> int:
         return self.points.size()
 
-    cpdef Py_ssize_t start(self, str key) except -1:
-        """Index of the first point at or after the key's hash, wrapping to 0."""
+    cdef Py_ssize_t start(self, str key) except -1:
+        """Index of the first point after the key's hash (as bisect.bisect_right), wrapping to 0."""
         cdef uint32_t h = hash_key(key)
         cdef Py_ssize_t low = 0, high = self.points.size(), middle
-        while low < high:   # first point > h, as bisect.bisect_right
+        if high == 0:
+            raise LookupError("the ring has no nodes")
+        while low < high:
             middle = (low + high) >> 1
             if self.points[middle] <= h:
                 low = middle + 1
@@ -78,9 +82,23 @@ cdef class Continuum:
                 high = middle
         return 0 if low == <Py_ssize_t>self.points.size() else low
 
-    cpdef int32_t owner(self, Py_ssize_t index):
-        return self.owners[index % self.owners.size()]
+    cpdef str node_for(self, str key):
+        """The key's home node."""
+        return self.names[self.owners[self.start(key)]]
 
-    def owner_of(self, str key) -> int:
-        """Index of the key's home node."""
-        return self.owners[self.start(key)]
+    cpdef list nodes_for(self, str key):
+        """Every node once, in the order the key meets their points clockwise."""
+        cdef Py_ssize_t start = self.start(key), count = self.points.size(), offset
+        cdef Py_ssize_t found = 0, wanted = len(self.names)
+        cdef vector[char] seen = vector[char](wanted, 0)
+        cdef int32_t owner
+        order = []
+        for offset in range(count):
+            owner = self.owners[(start + offset) % count]
+            if not seen[owner]:
+                seen[owner] = 1
+                order.append(self.names[owner])
+                found += 1
+                if found == wanted:
+                    break
+        return order
