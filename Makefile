@@ -7,7 +7,7 @@ PY := $(VENV)/bin/python
 PIP := $(PY) -m pip
 PYX := $(wildcard ext/*.pyx ext/*.pxd ext/*.h)
 
-.PHONY: install build demo test bench clean
+.PHONY: install build demo test bench clean thrift-compiler clients
 
 install: $(VENV)/.installed
 
@@ -38,11 +38,26 @@ build: install
 demo: install
 	$(VENV)/bin/ringlm demo
 
-test: install
+test: install thrift-compiler
 	$(PY) -m pytest -q tests
 
 bench: install
 	$(PY) benchmarks/run_all.py
 
 clean:
-	rm -rf build ext/*.cpp ext/*.so *.egg-info
+	rm -rf build ext/*.cpp ext/*.so *.egg-info clients
+
+# The Apache Thrift compiler (Debian's thrift-compiler): `make clients` and the interop tests use it.
+SUDO := $(if $(filter 0,$(shell id -u)),,sudo)
+thrift-compiler:
+	@command -v thrift >/dev/null || { $(SUDO) apt-get update && $(SUDO) apt-get install -y thrift-compiler; }
+
+# Client code for other languages, generated from the IDL into clients/ (git-ignored: rerun this to refresh).
+CLIENT_LANGUAGES := java:java go:go nodejs:js:node cpp:cpp
+clients: thrift-compiler idl/ringlm.thrift
+	rm -rf clients
+	@for pair in $(CLIENT_LANGUAGES); do \
+		folder=$${pair%%:*}; generator=$${pair#*:}; \
+		mkdir -p clients/$$folder && thrift --gen $$generator -out clients/$$folder idl/ringlm.thrift || exit 1; \
+		echo "clients/$$folder"; \
+	done

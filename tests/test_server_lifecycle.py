@@ -1,0 +1,232 @@
+"""Worker and supervisor processes over their life: drain on SIGTERM, restart after kill -9, `ringlm status`, TLS and auth."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import socket
+import ssl
+import subprocess
+import sys
+import threading
+import urllib.request
+
+import pytest
+
+from ringlm.idl import ringlm_thrift as thrift
+from tests.server_helpers import (WorkerProcess, answers_health, connect, free_port, pid_alive, running_worker,
+                                  tiny_model_folder, wait_until)
+
+LONG = 240
+
+
+@pytest.fixture(scope="module")
+def model_dir(tmp_path_factory):
+    return tiny_model_folder(tmp_path_factory)
+
+
+def long_request(**fields) -> thrift.GenerateRequest:
+    return thrift.GenerateRequest(prompt="Once upon a time", max_tokens=LONG, ignore_eos=True, **fields)
+
+
+def run_cli(*args: str, timeout_s: float = 60) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "ringlm.cli", *args], capture_output=True, text=True,
+                          timeout=timeout_s)
+
+
+# -- drain
+
+def test_sigterm_drains_finishes_running_work_refuses_new_work_and_exits_0(model_dir, tmp_path):
+    worker = WorkerProcess(model_dir, tmp_path / "worker.log", "--drain-grace-s", "60").wait_ready()
+    try:
+        results = {}
+
+        def generate():
+            own = connect(worker.port)
+            results["generate"] = own.generate(long_request())
+            own.close()
+
+        thread = threading.Thread(target=generate)
+        thread.start()
+        client = connect(worker.port)
+        wait_until(lambda: client.status().running == 1, what="the generation to start")
+        stream_id = client.open_stream(long_request())
+        worker.process.send_signal(signal.SIGTERM)
+
+        assert wait_until(lambda: client.status().draining, what="status to report draining")
+        for call in (client.generate, client.open_stream):
+            with pytest.raises(thrift.Overloaded) as error:
+                call(long_request())
+            assert error.value.draining is True
+        with pytest.raises(ConnectionRefusedError):
+            socket.create_connection(("127.0.0.1", worker.port), timeout=5)
+        chunks = []
+        while not (chunks and chunks[-1].done):
+            chunks.append(client.next_chunk(stream_id, 1000))
+        assert chunks[-1].result.finish_reason == thrift.FinishReason.LENGTH
+        thread.join(timeout=60)
+        assert results["generate"].finish_reason == thrift.FinishReason.LENGTH
+        assert len(results["generate"].token_ids) == LONG
+        client.close()
+        assert worker.process.wait(timeout=60) == 0
+        assert "draining" in worker.log()
+    finally:
+        worker.stop()
+
+
+# -- supervisor and `ringlm status`
+
+def consecutive_free_ports(count: int) -> int:
+    """A port P such that P..P+count-1 are free now."""
+    for _ in range(50):
+        base = free_port()
+        try:
+            for offset in range(count):
+                with socket.socket() as sock:
+                    sock.bind(("127.0.0.1", base + offset))
+            return base
+        except OSError:
+            continue
+    raise AssertionError("no run of free ports")
+
+
+def worker_pid(port: int) -> int | None:
+    try:
+        client = connect(port, timeout_s=2)
+    except Exception:   # refused while the worker restarts
+        return None
+    try:
+        return client.status().pid
+    except Exception:
+        return None
+    finally:
+        client.close()
+
+
+def test_supervisor_runs_workers_on_consecutive_ports_restarts_a_killed_one_and_drains(model_dir, tmp_path):
+    port, metrics_port = consecutive_free_ports(2), consecutive_free_ports(2)
+    servers = f"127.0.0.1:{port},127.0.0.1:{port + 1}"
+    with open(tmp_path / "supervisor.log", "wb") as log:
+        supervisor = subprocess.Popen(
+            [sys.executable, "-m", "ringlm.cli", "serve", "--model", str(model_dir), "--port", str(port),
+             "--workers", "2", "--metrics-port", str(metrics_port), "--torch-threads", "1", "--max-seq-len", "256"],
+            stdout=log, stderr=subprocess.STDOUT)
+    try:
+        pids = [wait_until(lambda p=p: worker_pid(p), timeout_s=120, what=f"worker on {p}") for p in (port, port + 1)]
+        assert len(set(pids)) == 2 and supervisor.pid not in pids
+
+        status = run_cli("status", "--servers", servers)
+        assert status.returncode == 0, status.stderr
+        reports = [json.loads(line) for line in status.stdout.splitlines()]
+        assert [r["status"]["server"] for r in reports] == [f"127.0.0.1:{port}", f"127.0.0.1:{port + 1}"]
+        assert [r["status"]["pid"] for r in reports] == pids
+        assert all(r["ok"] and r["status"]["draining"] is False for r in reports)
+
+        unreachable = run_cli("status", "--servers", f"{servers},127.0.0.1:{free_port()}", "--timeout", "2")
+        assert unreachable.returncode == 1
+        assert [json.loads(line)["ok"] for line in unreachable.stdout.splitlines()] == [True, True, False]
+
+        metrics = urllib.request.urlopen(f"http://127.0.0.1:{metrics_port + 1}/metrics", timeout=10).read()
+        assert b"ringlm_slots" in metrics
+
+        os.kill(pids[0], signal.SIGKILL)
+        restarted = wait_until(lambda: (pid := worker_pid(port)) not in (None, pids[0]) and pid, timeout_s=120,
+                               what="the killed worker to be restarted")
+        assert restarted != pids[0] and worker_pid(port + 1) == pids[1]
+
+        supervisor.send_signal(signal.SIGTERM)
+        assert supervisor.wait(timeout=60) == 0
+        assert not pid_alive(restarted) and not pid_alive(pids[1])
+    finally:
+        if supervisor.poll() is None:
+            supervisor.kill()
+            supervisor.wait()
+
+
+# -- TLS and auth
+
+def openssl(*args: str) -> None:
+    subprocess.run(["openssl", *args], check=True, capture_output=True)
+
+
+@pytest.fixture(scope="module")
+def certificates(tmp_path_factory):
+    """A CA, a server certificate for 127.0.0.1 and a client certificate, all signed by the CA."""
+    folder = tmp_path_factory.mktemp("tls")
+    ca_key, ca_cert = folder / "ca.key", folder / "ca.pem"
+    openssl("req", "-x509", "-newkey", "rsa:2048", "-nodes", "-keyout", str(ca_key), "-out", str(ca_cert),
+            "-days", "2", "-subj", "/CN=ringlm test CA")
+    for name, extension in (("server", "subjectAltName=IP:127.0.0.1"), ("client", "extendedKeyUsage=clientAuth")):
+        key, request, cert = folder / f"{name}.key", folder / f"{name}.csr", folder / f"{name}.pem"
+        openssl("req", "-newkey", "rsa:2048", "-nodes", "-keyout", str(key), "-out", str(request),
+                "-subj", f"/CN=ringlm test {name}")
+        (folder / f"{name}.ext").write_text(extension + "\n")
+        openssl("x509", "-req", "-in", str(request), "-CA", str(ca_cert), "-CAkey", str(ca_key),
+                "-CAcreateserial", "-out", str(cert), "-days", "2", "-extfile", str(folder / f"{name}.ext"))
+    return folder
+
+
+def tls_context(certificates, client_certificate: bool = True) -> ssl.SSLContext:
+    context = ssl.create_default_context(cafile=str(certificates / "ca.pem"))
+    if client_certificate:
+        context.load_cert_chain(str(certificates / "client.pem"), str(certificates / "client.key"))
+    return context
+
+
+@pytest.fixture(scope="module")
+def secure_server(model_dir, certificates, tmp_path_factory):
+    token_file = certificates / "token"
+    token_file.write_text("s3cret-token\n")
+    flags = ["--tls-cert", str(certificates / "server.pem"), "--tls-key", str(certificates / "server.key"),
+             "--tls-ca", str(certificates / "ca.pem"), "--auth-token-file", str(token_file)]
+    log = tmp_path_factory.mktemp("secure") / "worker.log"
+    with running_worker(model_dir, log, *flags, ssl_context=tls_context(certificates)) as worker:
+        yield worker
+
+
+def test_tls_with_a_client_certificate_and_the_token_is_served(secure_server, certificates):
+    client = connect(secure_server.port, ssl_context=tls_context(certificates))
+    assert client.health() is True
+    client.authenticate("s3cret-token")
+    assert client.status().server == f"127.0.0.1:{secure_server.port}"
+    assert client.tokenize("Hello world", False, True) == [19556, 905]
+    assert client.generate(thrift.GenerateRequest(prompt="Hi", max_tokens=3, ignore_eos=True)).usage.completion_tokens == 3
+    client.close()
+
+
+def test_without_the_token_calls_are_unauthorized_on_every_new_connection(secure_server, certificates):
+    client = connect(secure_server.port, ssl_context=tls_context(certificates))
+    for call in (client.status, lambda: client.tokenize("x", False, False),
+                 lambda: client.generate(thrift.GenerateRequest(prompt="Hi")), lambda: client.cancel("x")):
+        with pytest.raises(thrift.Unauthorized):
+            call()
+    with pytest.raises(thrift.Unauthorized):
+        client.authenticate("wrong-token")
+    with pytest.raises(thrift.Unauthorized):
+        client.status()
+    client.authenticate("s3cret-token")
+    client.status()
+    client.close()
+    fresh = connect(secure_server.port, ssl_context=tls_context(certificates))
+    with pytest.raises(thrift.Unauthorized):
+        fresh.status()
+    fresh.close()
+
+
+def test_plain_tcp_and_tls_without_a_client_certificate_are_refused(secure_server, certificates):
+    assert not answers_health(secure_server.port)
+    assert not answers_health(secure_server.port, ssl_context=tls_context(certificates, client_certificate=False))
+    assert answers_health(secure_server.port, ssl_context=tls_context(certificates))
+
+
+def test_status_command_speaks_tls_and_auth(secure_server, certificates):
+    address = f"127.0.0.1:{secure_server.port}"
+    tls = ["--tls-ca", str(certificates / "ca.pem"), "--tls-cert", str(certificates / "client.pem"),
+           "--tls-key", str(certificates / "client.key")]
+    ok = run_cli("status", "--servers", address, *tls, "--auth-token-file", str(certificates / "token"))
+    assert ok.returncode == 0, ok.stdout + ok.stderr
+    assert json.loads(ok.stdout)["status"]["server"] == address
+    refused = run_cli("status", "--servers", address, *tls)
+    assert refused.returncode == 1
+    assert "Unauthorized" in json.loads(refused.stdout)["error"]
