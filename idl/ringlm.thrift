@@ -78,6 +78,13 @@ struct GenerateRequest {
   13: optional i32 top_logprobs = 0,           // and this many best alternatives per token (<= 20)
   14: optional bool ignore_eos = false,        // keep going past the end-of-sequence token
   15: optional bool add_generation_prompt = true,  // for messages: end with the assistant's turn
+  /**
+   * Stream failover: the tokens another server already generated for this request.
+   * They continue the prompt, count against max_tokens and the penalties, and are not
+   * returned again: the result covers only what comes after them. With the same seed
+   * the continuation is what the first server would have produced.
+   */
+  16: optional list<i32> resume_ids,
 }
 
 struct Usage {

@@ -313,7 +313,8 @@ class ConnectionHandler:
             ignore_eos=bool(request.ignore_eos),
             priority=Priority(request.priority if request.priority is not None else Priority.NORMAL),
             deadline=deadline,
-            top_logprobs=request.top_logprobs or 0)
+            top_logprobs=request.top_logprobs or 0,
+            resume_ids=tuple(request.resume_ids or ()))
 
     def _prompt_ids(self, request: thrift.GenerateRequest) -> list[int]:
         given = [name for name in ("prompt", "prompt_ids", "messages") if getattr(request, name) is not None]

@@ -287,3 +287,31 @@ def test_real_model_greedy_matches_transformers(real_model, real_model_transform
         expected = real_model_transformers.generate(ids, attention_mask=torch.ones_like(ids), do_sample=False,
                                                     max_new_tokens=16)[0, ids.shape[1]:]
         assert handle.result().token_ids == expected.tolist()
+
+
+@pytest.mark.parametrize("sampling", [GREEDY, SamplingParams(temperature=0.8, top_p=0.9, seed=7,
+                                                             repetition_penalty=1.3, presence_penalty=0.5)],
+                         ids=["greedy", "seeded-penalised"])
+def test_resume_ids_continue_exactly(model, tokenizer, sampling):
+    """Failover: a second engine given the tokens so far continues with the same tokens and text."""
+    whole = run_alone(model, tokenizer, request(tokenizer, "whole", "Once upon a time", max_tokens=20,
+                                                sampling=sampling, stop=("zzz-never",)))
+    engine = make_engine(model, tokenizer)
+    handle = engine.submit(request(tokenizer, "first", "Once upon a time", max_tokens=20, sampling=sampling,
+                                   stop=("zzz-never",)))
+    received, text = [], ""
+    engine.start()
+    try:
+        for output in handle:
+            received += output.token_ids
+            text += output.text
+            if len(received) >= 7:
+                break   # the first server "dies" here
+    finally:
+        engine.stop()
+    rest = run_alone(model, tokenizer, request(tokenizer, "resumed", "Once upon a time", max_tokens=20,
+                                               sampling=sampling, stop=("zzz-never",),
+                                               resume_ids=tuple(received)))
+    assert received + rest.token_ids == whole.token_ids
+    assert text + rest.text == whole.text
+    assert rest.completion_tokens == 13

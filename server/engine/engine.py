@@ -113,11 +113,12 @@ class GenerationResult:
 
     @classmethod
     def of(cls, seq: Sequence) -> GenerationResult:
-        return cls(request_id=seq.request_id, text="".join(seq.text_parts), token_ids=seq.generated,
+        new_tokens = seq.generated[len(seq.request.resume_ids):]   # resumed ones came from elsewhere
+        return cls(request_id=seq.request_id, text="".join(seq.text_parts), token_ids=new_tokens,
                    finish_reason=seq.finish_reason, stop_reason=seq.stop_reason,
                    logprobs=list(seq.logprobs), top_logprobs=list(seq.top_logprobs),
                    prompt_tokens=seq.num_prompt, cached_prompt_tokens=seq.cached_prompt_tokens,
-                   completion_tokens=len(seq.generated), **seq.timings.milliseconds())
+                   completion_tokens=len(new_tokens), **seq.timings.milliseconds())
 
 
 class Engine:
@@ -166,21 +167,25 @@ class Engine:
         return True
 
     def _validate(self, request: GenerationRequest) -> None:
-        prompt, limit = request.prompt_ids, self.cache.max_seq_len
+        prompt, resumed, limit = request.prompt_ids, request.resume_ids, self.cache.max_seq_len
+        vocab = self.model.config.vocab_size
         if not request.request_id:
             raise InvalidRequest("request_id", "must not be empty")
         if request.request_id in self.in_flight:
             raise InvalidRequest("request_id", f"'{request.request_id}' is already in flight")
         if not prompt:
             raise InvalidRequest("prompt", "is empty")
-        if len(prompt) >= limit:
-            raise InvalidRequest("prompt", f"has {len(prompt)} tokens; the limit is {limit - 1}")
-        vocab = self.model.config.vocab_size
-        if min(prompt) < 0 or max(prompt) >= vocab:
-            raise InvalidRequest("prompt", f"token ids must be in 0..{vocab - 1}")
+        if len(prompt) + len(resumed) >= limit:
+            raise InvalidRequest("prompt", f"has {len(prompt) + len(resumed)} tokens with resume_ids; "
+                                           f"the limit is {limit - 1}")
+        for name, ids in (("prompt", prompt), ("resume_ids", resumed)):
+            if ids and (min(ids) < 0 or max(ids) >= vocab):
+                raise InvalidRequest(name, f"token ids must be in 0..{vocab - 1}")
         if not 1 <= request.max_tokens <= self.config.max_tokens_limit:
             raise InvalidRequest("max_tokens", f"must be in 1..{self.config.max_tokens_limit}, "
                                                f"got {request.max_tokens}")
+        if len(resumed) >= request.max_tokens:
+            raise InvalidRequest("resume_ids", f"{len(resumed)} tokens already reach max_tokens")
         if not 0 <= request.top_logprobs <= MAX_TOP_LOGPROBS:
             raise InvalidRequest("top_logprobs", f"must be in 0..{MAX_TOP_LOGPROBS}")
         if not isinstance(request.sampling, SamplingParams):
@@ -282,7 +287,12 @@ class Engine:
         decoding = sorted((seq for seq in self.running if seq.pending == 1), key=lambda seq: seq.slot)
         prefilling = [seq for seq in self.running if seq.pending > 1]
         for seq in decoding + prefilling:
-            count = 1 if seq.pending == 1 else min(seq.pending, budget)
+            if seq.cached >= seq.num_prompt:
+                # Generated tokens being recomputed (resume_ids, preemption) go one per step, as
+                # they were first computed: the decode path's arithmetic, so the same logits.
+                count = 1
+            else:
+                count = min(seq.num_prompt - seq.cached, budget)
             if count <= 0:
                 break
             chunks.append(SequenceChunk(seq.slot, seq.token_ids[seq.cached:seq.cached + count],

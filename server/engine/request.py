@@ -61,6 +61,9 @@ class GenerationRequest:
     priority: Priority = Priority.NORMAL
     deadline: float | None = None     # time.monotonic() seconds
     top_logprobs: int = 0             # alternatives per token, 0 for none
+    # Tokens an earlier server already generated for this request (stream failover):
+    # they count as generated (max_tokens, penalties) and are not sent again.
+    resume_ids: tuple[int, ...] = ()
 
 
 @dataclass
@@ -97,7 +100,7 @@ class Sequence:
     def __init__(self, request: GenerationRequest, decoder: IncrementalDecoder, arrival_order: int):
         self.request = request
         self.arrival_order = arrival_order
-        self.token_ids: list[int] = list(request.prompt_ids)   # prompt, then generated
+        self.token_ids: list[int] = [*request.prompt_ids, *request.resume_ids]   # prompt, then generated
         self.num_prompt = len(request.prompt_ids)
         self.cached = 0                 # leading tokens whose KV is in the slot
         self.cached_prompt_tokens = 0   # prompt tokens served from the prefix cache
@@ -107,6 +110,10 @@ class Sequence:
         self.text_parts: list[str] = []
         self.decoder = decoder
         self.stop = StopMatcher(request.stop)
+        # Replay resumed tokens through the decoder and the stop matcher, dropping their text:
+        # both then hold exactly what the earlier server held, so the text continues seamlessly.
+        for token in request.resume_ids:
+            self.stop.push(decoder.feed(token))
         self.queue: gevent.queue.Queue = gevent.queue.Queue()
         self.timings = Timings(arrival=time.monotonic())
         self.finish_reason: FinishReason | None = None
