@@ -315,3 +315,18 @@ def test_resume_ids_continue_exactly(model, tokenizer, sampling):
     assert received + rest.token_ids == whole.token_ids
     assert text + rest.text == whole.text
     assert rest.completion_tokens == 13
+
+
+def test_a_failing_step_fails_its_requests_not_the_engine(model, tokenizer, monkeypatch):
+    engine = make_engine(model, tokenizer)
+    engine.start()
+    try:
+        broken = engine.submit(request(tokenizer, "broken", "a", max_tokens=5))
+        with monkeypatch.context() as patch:
+            patch.setattr(engine, "_forward_and_sample", lambda *args: 1 / 0)
+            assert broken.result().finish_reason == FinishReason.ERROR
+        healthy = engine.submit(request(tokenizer, "healthy", "b", max_tokens=5))
+        assert healthy.result().finish_reason == FinishReason.LENGTH   # the loop is still alive
+    finally:
+        engine.stop()
+    assert engine.slots.num_busy == 0

@@ -210,11 +210,23 @@ class Engine:
 
     def _run(self) -> None:
         while True:
-            if not self.step():
+            try:
+                ran = self.step()
+            except Exception:
+                # A fault in one step fails the requests it was running, not the server.
+                log.exception("engine step failed; failing its %d running requests", len(self.running))
+                self.fail_running()
+                ran = True
+            if not ran:
                 self._wakeup.clear()
                 self._wakeup.wait(timeout=0.1)   # also wakes for deadlines of queued requests
             else:
                 gevent.sleep(0)                  # let handlers read outputs between steps
+
+    def fail_running(self) -> None:
+        """End every running request with FinishReason.ERROR (after a failed step)."""
+        for seq in list(self.running):
+            self._finish(seq, FinishReason.ERROR)
 
     def step(self) -> bool:
         """One scheduling round and, if anything is runnable, one model step. True if it ran."""
