@@ -138,3 +138,27 @@ def test_loadtest_command_against_the_stub(stub_url, tmp_path):
     compare = subprocess.run([sys.executable, "-m", "ringlm.cli", "loadtest", "--compare", str(report), str(report)],
                              capture_output=True, text=True, timeout=60)
     assert compare.returncode == 0 and compare.stdout.count("report.json") == 2
+
+
+def test_loadtest_command_against_a_local_cluster(tmp_path_factory, tmp_path):
+    """A few seconds of closed-loop load on a real worker (tiny model), through the ring client."""
+    from tests.server_helpers import running_worker, tiny_model_folder
+
+    report, prompts = tmp_path / "cluster.json", tmp_path / "prompts.jsonl"
+    system = {"role": "system", "content": "You answer questions about hash rings briefly."}
+    prompts.write_text("\n".join(json.dumps(line) for line in [
+        {"prompt": "What is a hash ring?"},
+        {"messages": [system, {"role": "user", "content": "Why bound loads?"}], "session": "a"},
+        {"messages": [system, {"role": "user", "content": "What moves when a node joins?"}], "session": "b"}]))
+    with running_worker(tiny_model_folder(tmp_path_factory), tmp_path / "worker.log") as worker:
+        run = subprocess.run([sys.executable, "-m", "ringlm.cli", "loadtest", "--servers", f"127.0.0.1:{worker.port}",
+                              "--concurrency", "4", "--duration", "3", "--max-tokens", "8", "--prompts", str(prompts),
+                              "--priority-mix", "high=1,low=1", "--json", str(report), "--no-progress"],
+                             capture_output=True, text=True, timeout=180)
+    assert run.returncode == 0, run.stderr
+    summary = json.loads(report.read_text())
+    assert summary["requests_ok"] > 4 and summary["requests_failed"] == 0
+    assert all(s["output_tokens"] == 8 for s in summary["samples"])   # EOS is ignored under load
+    assert {s["priority"] for s in summary["samples"]} == {"high", "low"}
+    assert summary["prefix_cache_hit_rate"] > 0   # repeated prompts and a shared system prompt
+    assert summary["ttft_ms"]["p50"] <= summary["e2e_ms"]["p50"]
