@@ -191,10 +191,10 @@ def command_cluster(args) -> int:
 def loadtest_target(args):
     from ringlm.client.targets import OpenAITarget, RinglmTarget
     if args.openai_url:
-        return OpenAITarget(args.openai_url, model=args.openai_model)
+        return OpenAITarget(args.openai_url, model=args.openai_model, ignore_eos=args.ignore_eos)
     if not (args.servers or args.zookeeper):
         raise ValueError("give --servers, --zookeeper or --openai-url")
-    return RinglmTarget(cluster_client(args))
+    return RinglmTarget(cluster_client(args), ignore_eos=args.ignore_eos)
 
 
 def loadtest_workload(args):
@@ -360,6 +360,8 @@ def build_parser() -> argparse.ArgumentParser:
     loadtest.add_argument("--prompts", metavar="FILE.jsonl", help="prompts ({\"prompt\"|\"messages\", "
                                                                   "\"session\"?} per line; default: a built-in mix)")
     loadtest.add_argument("--priority-mix", metavar="MIX", help="e.g. high=0.1,normal=0.8,low=0.1")
+    loadtest.add_argument("--stop-at-eos", dest="ignore_eos", action="store_false",
+                          help="let requests end at the end-of-sequence token (default: always max-tokens)")
     loadtest.add_argument("--json", metavar="FILE", help="write the summary and every sample as JSON")
     loadtest.add_argument("--plot", metavar="FILE.png", help="latency CDFs and throughput over time")
     loadtest.add_argument("--compare", nargs="+", metavar="JSON", help="print earlier --json results side by side")

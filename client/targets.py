@@ -50,7 +50,7 @@ class OpenAITarget:
     token per event), or the server's own usage count when it reports one.
     """
 
-    def __init__(self, base_url: str, model: str = "default", timeout_s: float = 600.0):
+    def __init__(self, base_url: str, model: str = "default", timeout_s: float = 600.0, ignore_eos: bool = False):
         parts = urlsplit(base_url)
         if parts.scheme not in ("http", "https") or not parts.hostname:
             raise ValueError(f"--openai-url must be an http(s) URL, got {base_url!r}")
@@ -58,6 +58,7 @@ class OpenAITarget:
         self.path = parts.path.rstrip("/") or "/v1"
         self.model = model
         self.timeout_s = timeout_s
+        self.ignore_eos = ignore_eos   # llama.cpp's and vLLM's extension: always produce max_tokens
         self.name = f"openai {base_url}"
 
     def _connection(self) -> http.client.HTTPConnection:
@@ -69,6 +70,8 @@ class OpenAITarget:
         body = {"model": self.model, "max_tokens": spec.max_tokens, "stream": True, "temperature": 0,
                 "stream_options": {"include_usage": True}}
         body.update({"messages": spec.messages} if chat else {"prompt": spec.prompt})
+        if self.ignore_eos:
+            body["ignore_eos"] = True
         connection = self._connection()
         try:
             connection.request("POST", f"{self.path}/{'chat/completions' if chat else 'completions'}",
