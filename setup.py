@@ -85,6 +85,8 @@ setup(
         "safetensors>=0.4",
         "thriftpy2>=0.5",
         "prometheus_client>=0.20",
+        "rich>=13",          # the load test's progress bar
+        "matplotlib>=3.7",   # the load test's plots
     ],
     extras_require={
         "dev": [
@@ -98,8 +100,10 @@ setup(
             "thrift>=0.17",
             "grpcio>=1.60",
             "uhashring>=2.3",
-            "rich>=13",
+            "flask>=3.0",    # bench_e2e's naive baseline server
+            "kazoo>=2.9",
         ],
+        "zookeeper": ["kazoo>=2.9"],   # discovery: workers registering, clients watching
     },
     entry_points={"console_scripts": ["ringlm = ringlm.cli:main"]},
 )
