@@ -60,9 +60,9 @@ def main(names: list[str]) -> None:
         print(f"== {name}", flush=True)
         table = module.main()
         title = (module.__doc__ or name).strip().splitlines()[0]
-        load = ", ".join(f"{x:.1f}" for x in os.getloadavg())
+        load_average = ", ".join(f"{x:.1f}" for x in os.getloadavg())
         stamp = (f"{datetime.date.today().isoformat()} on {machine()}; load average at the start "
-                 f"{load} (other work on the machine makes numbers noisy)")
+                 f"{load_average} (other work on the machine makes numbers noisy)")
         body = f"## {name}: {title}\n\nRun {stamp}.\n\n{table}"
         document = replace_section(document, name, body)
         RESULTS.write_text(document)   # after each benchmark, so a later failure keeps it
