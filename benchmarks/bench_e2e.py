@@ -27,6 +27,7 @@ NEW_TOKENS = 64
 PROMPT_TOKENS = 64
 READY_TIMEOUT_S = 600.0
 PLOT = Path(__file__).resolve().parent / "e2e.png"
+LOADTEST_PLOT = Path(__file__).resolve().parent / "loadtest-ringlm-32.png"   # shown in the README
 TOPICS = ["hash rings", "KV caches", "gevent", "Thrift", "tokenizers", "sampling", "ZooKeeper", "batching"]
 
 
@@ -154,6 +155,8 @@ def main() -> str:
         else:
             note = "llama.cpp's llama-server: skipped (set LLAMA_SERVER to its binary to include it)."
     plot(results)
+    from ringlm.client.loadtest import plot as plot_run
+    plot_run(results["ringlm"][32], LOADTEST_PLOT)
     text = (f"Default model (SmolLM2-135M-Instruct, float32, 1 torch thread), {PROMPT_TOKENS}-token prompts, "
             f"{NEW_TOKENS} new tokens, greedy; ringlm: 1 worker, 32 slots. {note}\n\n{table(results)}\n\n"
             f"![end-to-end throughput and TTFT](benchmarks/{PLOT.name})")
