@@ -7,7 +7,7 @@ PY := $(VENV)/bin/python
 PIP := $(PY) -m pip
 PYX := $(wildcard ext/*.pyx ext/*.pxd ext/*.h)
 
-.PHONY: install build demo test bench clean thrift-compiler clients
+.PHONY: install build demo test bench clean thrift-compiler zookeeper clients
 
 install: $(VENV)/.installed
 
@@ -38,7 +38,7 @@ build: install
 demo: install
 	$(VENV)/bin/ringlm demo
 
-test: install thrift-compiler
+test: install thrift-compiler zookeeper
 	$(PY) -m pytest -q tests
 
 bench: install
@@ -51,6 +51,11 @@ clean:
 SUDO := $(if $(filter 0,$(shell id -u)),,sudo)
 thrift-compiler:
 	@command -v thrift >/dev/null || { $(SUDO) apt-get update && $(SUDO) apt-get install -y thrift-compiler; }
+
+# ZooKeeper (Debian's zookeeper; Java is a dependency): the discovery tests start a private one with
+# scripts/zookeeper.sh, and `ringlm serve --zookeeper HOSTS` registers workers in it.
+zookeeper:
+	@test -f /usr/share/java/zookeeper.jar || { $(SUDO) apt-get update && $(SUDO) apt-get install -y zookeeper; }
 
 # Client code for other languages, generated from the IDL into clients/ (git-ignored: rerun this to refresh).
 CLIENT_LANGUAGES := java:java go:go nodejs:js:node cpp:cpp

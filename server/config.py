@@ -40,6 +40,8 @@ class WorkerConfig:
     tls_ca: str | None = None
     auth_token_file: str | None = None
     debug_blocking_ms: float | None = None
+    zookeeper: str | None = None
+    weight: float = 1.0
 
     @property
     def address(self) -> str:
@@ -72,6 +74,8 @@ HELP = {
     "tls_ca": "CA certificate (PEM): clients must present a certificate it signed",
     "auth_token_file": "file with a shared token: clients must authenticate() with it",
     "debug_blocking_ms": "report (with its stack) any greenlet that holds the gevent hub this long",
+    "zookeeper": "ZooKeeper hosts (host:port,...[/chroot]): register this worker there for clients to find",
+    "weight": "this worker's share of the ring's keys relative to others, as registered in ZooKeeper",
 }
 
 

@@ -176,6 +176,8 @@ class Worker:
         self.calls_in_progress = 0
         self.stopped = gevent.event.Event()
         self.exit_code = 0
+        self.registration = None   # our ZooKeeper znode, while we take new work
+        self.leaving: gevent.Greenlet | None = None
 
     def serve_forever(self) -> int:
         """Serve until drained or the engine dies; returns the process exit code."""
@@ -184,11 +186,27 @@ class Worker:
                  self.ssl_context is not None, self.service.auth_token is not None)
         for signum in (signal.SIGTERM, signal.SIGINT):
             gevent.signal_handler(signum, self.drain)
+        if self.config.zookeeper:
+            self.register()
         reaper = gevent.spawn(self.reap_streams)
         self.stopped.wait()
         reaper.kill()
+        if self.leaving is not None:
+            self.leaving.join()   # the drain began leaving ZooKeeper: let the delete reach it before exiting
+        self.deregister()
         self.server.stop(timeout=1)
         return self.exit_code
+
+    def register(self) -> None:
+        """Join the cluster in ZooKeeper once listening, so clients never see a server that cannot answer."""
+        from ringlm.client.discovery import Registration
+        self.registration = Registration(self.config.zookeeper, self.config.address, weight=self.config.weight,
+                                         model=self.service.model_name, gevent=True)
+
+    def deregister(self) -> None:
+        registration, self.registration = self.registration, None
+        if registration is not None:
+            registration.close()
 
     def spawn(self, function, *args) -> gevent.Greenlet:
         """StreamServer's spawn: a pooled greenlet per connection; past the limit an unpooled one,
@@ -236,6 +254,7 @@ class Worker:
                  self.config.drain_grace_s)
         self.service.draining = True
         self.server.close()
+        self.leaving = gevent.spawn(self.deregister)   # clients stop sending here now, not at exit
         gevent.spawn(self._finish_drain)
 
     def busy(self) -> bool:
@@ -286,6 +305,8 @@ def check_config(config: WorkerConfig) -> None:
     for name in ("max_connections", "max_frame_bytes", "num_slots", "max_open_streams"):
         if getattr(config, name) < 1:
             raise ValueError(f"--{name.replace('_', '-')} must be at least 1")
+    if not config.weight > 0:
+        raise ValueError("--weight must be positive")
     for name in ("idle_timeout_s", "frame_timeout_s", "stream_idle_timeout_s"):
         if getattr(config, name) <= 0:
             raise ValueError(f"--{name.replace('_', '-')} must be positive")

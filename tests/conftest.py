@@ -1,7 +1,8 @@
-"""Shared pytest fixtures: torch threads, the real default model (loaded once), tiny random models."""
+"""Shared pytest fixtures: torch threads, the real default model (loaded once), tiny random models, ZooKeeper."""
 
 from __future__ import annotations
 
+import subprocess
 from pathlib import Path
 
 import pytest
@@ -48,3 +49,33 @@ def tiny_config() -> ModelConfig:
 def tiny_model(tiny_config: ModelConfig) -> Llama:
     """A two-layer random-weight model on the CPU in float32: fast enough for any test."""
     return Llama.from_hf_weights(tiny_config, random_weights(tiny_config, seed=0))
+
+
+class ZooKeeper:
+    """A private ZooKeeper started by scripts/zookeeper.sh (data in `folder`, so a restart keeps sessions)."""
+
+    SCRIPT = Path(__file__).resolve().parent.parent / "scripts" / "zookeeper.sh"
+
+    def __init__(self, folder: Path, port: int):
+        self.folder, self.port = folder, port
+        self.hosts = f"127.0.0.1:{port}"
+
+    def start(self) -> None:
+        subprocess.run([str(self.SCRIPT), "start", str(self.folder), str(self.port)], check=True,
+                       capture_output=True, timeout=90)
+
+    def stop(self) -> None:
+        subprocess.run([str(self.SCRIPT), "stop", str(self.folder)], check=True, capture_output=True, timeout=60)
+
+
+@pytest.fixture(scope="session")
+def zookeeper(tmp_path_factory) -> ZooKeeper:
+    """ZooKeeper on a free port for the whole session (Debian's package: `make zookeeper` installs it)."""
+    from tests.server_helpers import free_port
+
+    if not Path("/usr/share/java/zookeeper.jar").exists():
+        pytest.skip("ZooKeeper is not installed (/usr/share/java/zookeeper.jar): run `make zookeeper`")
+    server = ZooKeeper(tmp_path_factory.mktemp("zookeeper"), free_port())
+    server.start()
+    yield server
+    server.stop()

@@ -84,8 +84,8 @@ def answers_health(port: int, **tls) -> bool:
 class WorkerProcess:
     """`python -m ringlm.server.worker` on a free port; stderr goes to a log file the tests can read."""
 
-    def __init__(self, model: Path, log_path: Path, *flags: str, **tls):
-        self.port = free_port()
+    def __init__(self, model: Path, log_path: Path, *flags: str, port: int | None = None, **tls):
+        self.port = port or free_port()
         self.log_path = log_path
         self.tls = tls
         argv = [sys.executable, "-m", "ringlm.server.worker", "--model", str(model), "--port", str(self.port),

@@ -1,0 +1,406 @@
+"""The ringlm client: routes each request over the consistent-hash ring, retries elsewhere, resumes streams.
+
+The routing key is the session (so a conversation returns to the server that
+holds its KV cache) or, without one, a hash of the prompt's beginning (so
+requests sharing a system prompt share a prefix cache). The ring's bounded
+loads move a key off a node carrying more than `load_factor` times the mean.
+
+A request that meets a connection error, Overloaded or a draining server is
+sent to the next distinct node clockwise, never past its deadline; the
+deadline travels to each server as the budget that remains. Every sampled
+request carries a seed (a random one if the caller gave none), so a
+generation retried from scratch gives the same tokens, and a stream whose
+server dies is reopened on the next node with the prompt's ids plus the
+tokens already received (`resume_ids`): the caller sees one uninterrupted,
+identical stream.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import secrets
+import threading
+import time
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
+from concurrent.futures import ThreadPoolExecutor
+from typing import TypeVar
+
+from ringlm.client.discovery import Discovery, StaticDiscovery
+from ringlm.client.errors import (CancelledError, DeadlineExceededError, ModelError, NoServerAvailableError,
+                                  OverloadedError, RinglmError, ServerUnavailableError)
+from ringlm.client.pool import Node, Pool, PoolConfig
+from ringlm.client.result import Result, Timings, Usage, result_from_thrift
+from ringlm.client.ring import Ring
+from ringlm.idl import ringlm_thrift as thrift
+
+log = logging.getLogger(__name__)
+
+T = TypeVar("T")
+
+PRIORITIES = {"low": thrift.Priority.LOW, "normal": thrift.Priority.NORMAL, "high": thrift.Priority.HIGH}
+SAMPLING_OPTIONS = ("temperature", "top_k", "top_p", "min_p", "repetition_penalty", "presence_penalty",
+                    "frequency_penalty", "logit_bias")
+REQUEST_OPTIONS = ("stop_token_ids", "ignore_eos", "logprobs", "top_logprobs", "add_generation_prompt")
+PREFIX_KEY_CHARS = 256         # prompts that share this much share a routing key (and a prefix cache)
+PREFIX_KEY_MESSAGES = 2        # for chats: the system prompt and the first user turn
+STREAM_POLL_MS = 1000
+DEADLINE_SLACK_S = 1.0         # past the deadline, how long the server's answer (with the partial) may take
+Message = Mapping[str, str]
+
+
+def routing_key(prompt: str | None, messages: Sequence[Message] | None, session: str | None) -> str:
+    """The session, or a hash of the prompt's beginning: what picks a request's home node."""
+    if session is not None:
+        return session
+    if messages is not None:
+        opening = json.dumps([[m["role"], m["content"]] for m in messages[:PREFIX_KEY_MESSAGES]])
+    else:
+        opening = (prompt or "")[:PREFIX_KEY_CHARS]
+    return "prompt:" + hashlib.blake2b(opening.encode("utf-8", "surrogatepass"), digest_size=12).hexdigest()
+
+
+def build_request(prompt: str | None, messages: Sequence[Message] | None, *, session: str | None,
+                  max_tokens: int, priority: str, stop: Sequence[str] | None, seed: int | None,
+                  options: dict) -> thrift.GenerateRequest:
+    """The Thrift request. Without sampling options it is greedy (the server's default); with any,
+    it always carries a seed so that a retry or a resumed stream reproduces it exactly."""
+    if (prompt is None) == (messages is None):
+        raise TypeError("give exactly one of prompt or messages=")
+    unknown = set(options) - set(SAMPLING_OPTIONS) - set(REQUEST_OPTIONS)
+    if unknown:
+        raise TypeError(f"unknown generation options: {', '.join(sorted(unknown))}")
+    if priority not in PRIORITIES:
+        raise ValueError(f"priority must be one of {', '.join(PRIORITIES)}, got {priority!r}")
+    sampling = {name: options[name] for name in SAMPLING_OPTIONS if options.get(name) is not None}
+    sampling_options = None
+    if sampling or seed is not None:
+        sampling_options = thrift.SamplingOptions(**sampling, seed=secrets.randbits(63) if seed is None else seed)
+    chat = None if messages is None else [thrift.ChatMessage(role=m["role"], content=m["content"])
+                                          for m in messages]
+    extra = {name: options[name] for name in REQUEST_OPTIONS if options.get(name) is not None}
+    return thrift.GenerateRequest(prompt=prompt, messages=chat, sampling=sampling_options, max_tokens=max_tokens,
+                                  stop=list(stop) if stop else None, priority=PRIORITIES[priority],
+                                  session=session, **extra)
+
+
+class Client:
+    """A consistent-hash client over a cluster of ringlm servers (a static list or a discovery source)."""
+
+    def __init__(self, servers: Iterable[str] | Mapping[str, float] | None = None, *,
+                 discovery: Discovery | None = None, load_factor: float = 1.25,
+                 connect_timeout_s: float = 2.0, read_timeout_s: float = 30.0,
+                 generate_timeout_s: float = 600.0, health_interval_s: float = 1.0,
+                 first_backoff_s: float = 0.5, max_backoff_s: float = 10.0,
+                 auth_token: str | None = None, ssl_context=None):
+        if (servers is None) == (discovery is None):
+            raise TypeError("give exactly one of servers or discovery=")
+        self.generate_timeout_s = generate_timeout_s   # the longest a generate may run without a deadline
+        self.pool = Pool(PoolConfig(connect_timeout_s=connect_timeout_s, read_timeout_s=read_timeout_s,
+                                    health_interval_s=health_interval_s, first_backoff_s=first_backoff_s,
+                                    max_backoff_s=max_backoff_s, auth_token=auth_token,
+                                    ssl_context=ssl_context))
+        self.ring = Ring(load_factor=load_factor)
+        self._lock = threading.Lock()
+        self.discovery = discovery or StaticDiscovery(servers)
+        self.discovery.watch(self._set_nodes)
+        self.pool.start()
+
+    def __enter__(self) -> Client:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+    def close(self) -> None:
+        self.discovery.close()
+        self.pool.close()
+
+    # -- membership and routing
+
+    def _set_nodes(self, nodes: Mapping[str, float]) -> None:
+        """Discovery's callback: the servers now in the cluster (address -> weight)."""
+        with self._lock:
+            self.pool.set_nodes(nodes)
+            self.ring.set_nodes(nodes)
+        log.info("ring: %s", ", ".join(sorted(nodes)) or "no servers")
+
+    @property
+    def servers(self) -> dict[str, float]:
+        return self.ring.nodes
+
+    def server_for(self, key: str) -> str:
+        """The node a request with this routing key goes to first, loads and health considered."""
+        address = self._pick(key, set())
+        if address is None:
+            raise NoServerAvailableError("no server is available")
+        return address
+
+    def _pick(self, key: str, tried: set[str]) -> str | None:
+        """The first untried available node for key, bounded by load; else an untried ejected one
+        (ejection may be stale); None when only draining or tried nodes are left."""
+        with self._lock:
+            if not len(self.ring):
+                return None
+            try:
+                return self.ring.node_for_bounded(key, self.pool.loads(), exclude=tried | self.pool.unavailable())
+            except LookupError:
+                pass
+            nodes = self.pool.nodes
+            return next((address for address in self.ring.nodes_for(key)
+                         if address not in tried and not nodes[address].draining), None)
+
+    def _with_failover(self, key: str, deadline: float | None,
+                       attempt: Callable[[Node, int | None], T]) -> T:
+        """attempt(node, remaining_ms) on the key's node, then on each next distinct node while it fails
+        with a connection error, Overloaded or draining, until the deadline."""
+        tried: set[str] = set()
+        errors: dict[str, Exception] = {}
+        while True:
+            remaining_ms = remaining(deadline)
+            address = self._pick(key, tried)
+            if address is None:
+                raise exhausted(errors)
+            tried.add(address)
+            node = self.pool.nodes.get(address)
+            if node is None:
+                continue   # discovery removed it a moment ago
+            try:
+                return attempt(node, remaining_ms)
+            except (ServerUnavailableError, OverloadedError) as error:
+                note_refusal(node, error)
+                errors[address] = error
+                log.info("%s failed (%s); trying the next node", address, error)
+
+    def _timeout_s(self, remaining_ms: int | None) -> float:
+        """How long to wait for a generate's answer: the remaining deadline plus slack for the
+        server's reply (it ends the request at the deadline), else generate_timeout_s."""
+        if remaining_ms is None:
+            return self.generate_timeout_s
+        return remaining_ms / 1000 + DEADLINE_SLACK_S
+
+    # -- generation
+
+    def generate(self, prompt: str | None = None, *, messages: Sequence[Message] | None = None,
+                 session: str | None = None, max_tokens: int = 256, deadline_ms: int | None = None,
+                 priority: str = "normal", stop: Sequence[str] | None = None, seed: int | None = None,
+                 **options) -> Result:
+        """Generate text for a prompt or chat messages; options are the sampling fields
+        (temperature, top_k, top_p, min_p, penalties, logit_bias) and stop_token_ids, ignore_eos,
+        logprobs, top_logprobs, add_generation_prompt."""
+        request = build_request(prompt, messages, session=session, max_tokens=max_tokens, priority=priority,
+                                stop=stop, seed=seed, options=options)
+        deadline = deadline_from(deadline_ms)
+
+        def attempt(node: Node, remaining_ms: int | None) -> Result:
+            request.deadline_ms = remaining_ms
+            return result_from_thrift(node.call("generate", request, timeout_s=self._timeout_s(remaining_ms)))
+
+        return self._with_failover(routing_key(prompt, messages, session), deadline, attempt)
+
+    def stream(self, prompt: str | None = None, *, messages: Sequence[Message] | None = None,
+               session: str | None = None, max_tokens: int = 256, deadline_ms: int | None = None,
+               priority: str = "normal", stop: Sequence[str] | None = None, seed: int | None = None,
+               **options) -> Stream:
+        """Like generate, but an iterator of text chunks as they are generated; the Stream's
+        `result` holds the whole Result once it is exhausted."""
+        request = build_request(prompt, messages, session=session, max_tokens=max_tokens, priority=priority,
+                                stop=stop, seed=seed, options=options)
+        return Stream(self, request, routing_key(prompt, messages, session), deadline_from(deadline_ms))
+
+    def generate_many(self, requests: Iterable[str | Mapping], concurrency: int = 8,
+                      return_exceptions: bool = False) -> list[Result | RinglmError]:
+        """Run many generations, `concurrency` at a time; results in the requests' order.
+
+        A request is a prompt or a dict of generate()'s arguments. With return_exceptions, a failed
+        request's typed error takes its place in the list instead of being raised.
+        """
+        def one(request: str | Mapping) -> Result | RinglmError:
+            try:
+                return self.generate(request) if isinstance(request, str) else self.generate(**request)
+            except RinglmError as error:
+                if return_exceptions:
+                    return error
+                raise
+
+        with ThreadPoolExecutor(max_workers=max(1, concurrency), thread_name_prefix="ringlm-generate") as pool:
+            return list(pool.map(one, requests))
+
+    # -- tokens and status
+
+    def tokenize(self, text: str, add_special_tokens: bool = True, parse_special: bool = True) -> list[int]:
+        return self._with_failover(secrets.token_hex(8), None, lambda node, _: node.call(
+            "tokenize", text, add_special_tokens, parse_special))
+
+    def detokenize(self, token_ids: Sequence[int], skip_special_tokens: bool = False) -> str:
+        return self._with_failover(secrets.token_hex(8), None, lambda node, _: node.call(
+            "detokenize", list(token_ids), skip_special_tokens))
+
+    def status_all(self) -> dict[str, dict | RinglmError]:
+        """Every known server's status as a dict, or the error that kept it from answering."""
+        report: dict[str, dict | RinglmError] = {}
+        for address, node in sorted(self.pool.nodes.items()):
+            try:
+                status = node.call("status")
+            except RinglmError as error:
+                report[address] = error
+                continue
+            node.note_status(status)
+            report[address] = {spec[1]: getattr(status, spec[1]) for spec in status.thrift_spec.values()}
+        return report
+
+
+class Stream:
+    """The text chunks of one generation as they arrive, continued on the next ring node if its server dies.
+
+    Iterate it for text; afterwards `result` is the whole Result. `close()` (or dropping it
+    half-read) closes its connection, which cancels the generation on the server.
+    """
+
+    def __init__(self, client: Client, request: thrift.GenerateRequest, key: str, deadline: float | None):
+        self.client = client
+        self.request = request
+        self.key = key
+        self.deadline = deadline
+        self.token_ids: list[int] = []
+        self.text = ""
+        self.result: Result | None = None
+        self.server: str | None = None    # the server generating it now
+        self.failed_over_from: list[str] = []
+        self._prompt_ids: list[int] | None = None
+        self._chunks = self._run()
+
+    def __iter__(self) -> Iterator[str]:
+        return self
+
+    def __next__(self) -> str:
+        return next(self._chunks)
+
+    def close(self) -> None:
+        self._chunks.close()
+
+    def _run(self) -> Iterator[str]:
+        tried: set[str] = set()
+        errors: dict[str, Exception] = {}
+        while self.result is None:
+            remaining_ms = remaining(self.deadline)
+            address = self.client._pick(self.key, tried)
+            if address is None:
+                raise exhausted(errors)
+            tried.add(address)
+            node = self.client.pool.nodes.get(address)
+            if node is None:
+                continue
+            try:
+                yield from self._on(node, remaining_ms)
+            except (ServerUnavailableError, OverloadedError) as error:
+                note_refusal(node, error)
+                errors[address] = error
+                if self.token_ids:
+                    self.failed_over_from.append(address)
+                    log.info("stream on %s broke after %d tokens (%s); resuming elsewhere", address,
+                             len(self.token_ids), error)
+        self._raise_for_ending()
+
+    def _on(self, node: Node, remaining_ms: int | None) -> Iterator[str]:
+        """Open (or resume) the stream on one node and relay its chunks until it is done."""
+        poll_timeout_s = STREAM_POLL_MS / 1000 + self.client.pool.config.read_timeout_s
+        with node.connection() as connection:   # one connection throughout: closing it cancels the stream
+            request = self._request_for(connection, remaining_ms)
+            if request is None:
+                return   # everything had arrived before the server died
+            stream_id = connection.call("open_stream", request, timeout_s=poll_timeout_s)
+            self.server = node.address
+            while True:
+                chunk = connection.call("next_chunk", stream_id, STREAM_POLL_MS, timeout_s=poll_timeout_s)
+                self.token_ids += chunk.token_ids or []
+                if chunk.text:
+                    self.text += chunk.text
+                    yield chunk.text   # abandoned here, the connection closes: the server cancels the stream
+                if chunk.done:
+                    self._finish(result_from_thrift(chunk.result))
+                    return
+
+    def _request_for(self, connection, remaining_ms: int | None) -> thrift.GenerateRequest | None:
+        """The request as first sent, or after a failover: the prompt as ids plus what arrived so far."""
+        request = self.request
+        request.deadline_ms = remaining_ms
+        if not self.token_ids:
+            return request
+        if len(self.token_ids) >= request.max_tokens:
+            self._finish(Result(text="", token_ids=[], finish_reason="length", usage=Usage(),
+                                timings=Timings(), server=connection.address))
+            return None
+        if self._prompt_ids is None:
+            self._prompt_ids = self._prompt_ids_on(connection)
+        resumed = thrift.GenerateRequest(**{spec[1]: getattr(request, spec[1])
+                                            for spec in request.thrift_spec.values()})
+        resumed.prompt = resumed.messages = resumed.request_id = None
+        resumed.prompt_ids, resumed.resume_ids = self._prompt_ids, list(self.token_ids)
+        return resumed
+
+    def _prompt_ids_on(self, connection) -> list[int]:
+        """The prompt's ids as the server tokenizes them in generate (same model, same ids)."""
+        request, timeout_s = self.request, self.client.pool.config.read_timeout_s
+        if request.prompt_ids is not None:
+            return list(request.prompt_ids)
+        if request.prompt is not None:
+            return connection.call("tokenize", request.prompt, True, True, timeout_s=timeout_s)
+        rendered = connection.call("apply_chat_template", request.messages,
+                                   request.add_generation_prompt is not False, timeout_s=timeout_s)
+        return connection.call("tokenize", rendered, False, True, timeout_s=timeout_s)
+
+    def _finish(self, last: Result) -> None:
+        """The whole result: all text and tokens; usage and timings from the server that finished."""
+        prompt_tokens = len(self._prompt_ids) if self._prompt_ids is not None else last.usage.prompt_tokens
+        last.usage = Usage(prompt_tokens=prompt_tokens, cached_prompt_tokens=last.usage.cached_prompt_tokens,
+                           completion_tokens=len(self.token_ids))
+        last.text, last.token_ids = self.text, list(self.token_ids)
+        last.failed_over_from = list(self.failed_over_from)
+        self.result = last
+
+    def _raise_for_ending(self) -> None:
+        """A stream that the server ended by deadline, cancellation or model failure raises like generate."""
+        result = self.result
+        if result.finish_reason == "deadline":
+            raise DeadlineExceededError("the deadline passed", partial=result, server=result.server)
+        if result.finish_reason == "cancelled":
+            raise CancelledError("the request was cancelled", partial=result, server=result.server)
+        if result.finish_reason == "error":
+            raise ModelError("the model failed for this request", server=result.server)
+
+
+# -- helpers shared by generate and stream
+
+def deadline_from(deadline_ms: int | None) -> float | None:
+    if deadline_ms is None:
+        return None
+    if deadline_ms <= 0:
+        raise ValueError(f"deadline_ms must be positive, got {deadline_ms}")
+    return time.monotonic() + deadline_ms / 1000
+
+
+def remaining(deadline: float | None) -> int | None:
+    """Milliseconds left before the deadline (None without one); DeadlineExceededError once it passed."""
+    if deadline is None:
+        return None
+    left = int((deadline - time.monotonic()) * 1000)
+    if left <= 0:
+        raise DeadlineExceededError("the deadline passed before any server could answer")
+    return left
+
+
+def note_refusal(node: Node, error: RinglmError) -> None:
+    if isinstance(error, OverloadedError) and error.draining:
+        node.draining = True   # no new requests until its status says otherwise
+
+
+def exhausted(errors: dict[str, Exception]) -> RinglmError:
+    """The error for a request that every candidate node refused."""
+    if errors and all(isinstance(e, OverloadedError) and not e.draining for e in errors.values()):
+        wait_ms = min(e.retry_after_ms for e in errors.values())
+        return OverloadedError(f"all {len(errors)} servers are overloaded", retry_after_ms=wait_ms)
+    if not errors:
+        return NoServerAvailableError("no server is available")
+    return NoServerAvailableError(f"all {len(errors)} servers tried failed", errors)

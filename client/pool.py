@@ -1,0 +1,279 @@
+"""Connections to each server of the ring: pooled per node, timed out, health-checked, ejected while failing.
+
+A node is *available* when it is neither ejected nor draining. A transport
+failure (refused, reset, EOF, timeout) ejects it at once for a back-off that
+doubles with each consecutive ejection (first_backoff_s .. max_backoff_s); a
+background checker probes ejected nodes when their back-off ends and
+re-admits the ones that answer, and polls the others' `status` for their load
+and draining flag. In-flight counts per node feed the ring's bounded loads.
+
+Only the standard library's `socket` and `threading` are used, looked up at
+call time, so the pool works from plain threads and, once gevent has
+monkey-patched them, from greenlets.
+"""
+
+from __future__ import annotations
+
+import collections
+import logging
+import ssl
+import threading
+import time
+from collections.abc import Iterable, Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+
+from thriftpy2.protocol.cybin import TCyBinaryProtocol
+from thriftpy2.thrift import TApplicationException, TClient
+from thriftpy2.transport import TCyFramedTransport, TSocket, TSSLSocket, TTransportException
+
+from ringlm.client.errors import RinglmError, ServerUnavailableError, UnauthorizedError, from_thrift
+from ringlm.idl import ringlm_thrift as thrift
+
+log = logging.getLogger(__name__)
+
+TRANSPORT_ERRORS = (TTransportException, OSError, EOFError)
+THRIFT_ERRORS = (thrift.InvalidRequest, thrift.Overloaded, thrift.DeadlineExceeded, thrift.Cancelled,
+                 thrift.Unauthorized, thrift.ModelError)
+
+
+@dataclass
+class PoolConfig:
+    connect_timeout_s: float = 2.0
+    read_timeout_s: float = 30.0          # calls that answer at once (status, tokenize); generate sets its own
+    max_idle_per_node: int = 8
+    max_idle_age_s: float = 60.0          # well under the server's idle timeout, so a kept connection is alive
+    health_interval_s: float = 1.0
+    first_backoff_s: float = 0.5
+    max_backoff_s: float = 10.0
+    auth_token: str | None = None
+    ssl_context: ssl.SSLContext | None = None
+
+
+def split_address(address: str) -> tuple[str, int]:
+    host, sep, port = address.rpartition(":")
+    if not sep or not host or not port.isdigit():
+        raise ValueError(f"a server address is host:port, got {address!r}")
+    return host.strip("[]"), int(port)
+
+
+class Connection:
+    """One framed binary-protocol connection to a server, with a timeout per call."""
+
+    def __init__(self, address: str, config: PoolConfig):
+        self.address = address
+        host, port = split_address(address)
+        timeouts = {"socket_timeout": config.read_timeout_s * 1000,
+                    "connect_timeout": config.connect_timeout_s * 1000}
+        if config.ssl_context is not None:
+            self.socket = TSSLSocket(host, port, ssl_context=config.ssl_context, **timeouts)
+        else:
+            self.socket = TSocket(host, port, **timeouts)
+        transport = TCyFramedTransport(self.socket)
+        transport.open()
+        self.client = TClient(thrift.Generator, TCyBinaryProtocol(transport))
+        self.last_used = time.monotonic()
+        if config.auth_token is not None:
+            try:
+                self.call("authenticate", config.auth_token, timeout_s=config.read_timeout_s)
+            except BaseException:
+                self.close()
+                raise
+
+    def call(self, method: str, *args, timeout_s: float):
+        """One call; the server's declared Thrift exceptions come back as the client's typed errors."""
+        self.socket.set_timeout(max(timeout_s, 0.001) * 1000)
+        try:
+            return getattr(self.client, method)(*args)
+        except THRIFT_ERRORS as error:
+            raise from_thrift(error, self.address) from None
+
+    def close(self) -> None:
+        self.socket.close()
+
+
+class Node:
+    """One server: its idle connections, in-flight count, ejection state and last reported status."""
+
+    def __init__(self, address: str, config: PoolConfig):
+        self.address = address
+        self.config = config
+        self.in_flight = 0
+        self.ejected_until: float | None = None
+        self.backoff_s = config.first_backoff_s
+        self.draining = False
+        self.others_load = 0              # other clients' running + waiting, as of the last status
+        self._idle: collections.deque[Connection] = collections.deque()
+        self._lock = threading.Lock()
+
+    def available(self) -> bool:
+        return self.ejected_until is None and not self.draining
+
+    def eject(self, reason: str) -> None:
+        with self._lock:
+            self.ejected_until = time.monotonic() + self.backoff_s
+            log.warning("%s ejected for %.1f s: %s", self.address, self.backoff_s, reason)
+            self.backoff_s = min(self.backoff_s * 2, self.config.max_backoff_s)
+            self.others_load = 0   # a failed server runs nothing for anyone; its last report is stale
+            idle, self._idle = list(self._idle), collections.deque()
+        for connection in idle:   # they lead to a server that just failed
+            connection.close()
+
+    def note_status(self, status: thrift.ServerStatus) -> None:
+        """Take in a status: draining, and the load beyond ours (the server counts our calls too, and
+        ours are counted live, so a report never outlives the requests of ours it included)."""
+        self.draining = bool(status.draining)
+        self.others_load = max(0, status.running + sum((status.waiting or {}).values()) - self.in_flight)
+
+    @property
+    def load(self) -> int:
+        return self.in_flight + self.others_load
+
+    def readmit(self) -> None:
+        if self.ejected_until is not None:
+            log.info("%s re-admitted", self.address)
+        self.ejected_until = None
+
+    def close(self) -> None:
+        with self._lock:
+            idle, self._idle = list(self._idle), collections.deque()
+        for connection in idle:
+            connection.close()
+
+    @contextmanager
+    def connection(self) -> Iterator[Connection]:
+        """A connection held for one call or one stream (it counts as in flight meanwhile).
+
+        A transport failure closes it, ejects the node and raises ServerUnavailableError. It goes
+        back to the pool only when the server's last answer was read whole (a result or a typed
+        error other than Unauthorized); anything else, a stream abandoned mid-way included, closes
+        it, which also makes the server cancel what the connection had open.
+        """
+        with self._lock:   # threads share nodes: += is not atomic
+            self.in_flight += 1
+        connection = None
+        reusable = False
+        try:
+            connection = self._take_idle() or Connection(self.address, self.config)
+            yield connection
+            reusable = True
+            self.backoff_s = self.config.first_backoff_s   # it answered: the next ejection starts short again
+        except UnauthorizedError:
+            raise   # the connection was never authorized: not reusable
+        except RinglmError:
+            reusable = True   # a typed answer (some are OSErrors too: keep them from the next clause)
+            raise
+        except TRANSPORT_ERRORS as error:
+            self.eject(f"{type(error).__name__}: {error}")
+            raise ServerUnavailableError(f"{type(error).__name__}: {error}", server=self.address) from error
+        except TApplicationException as error:
+            reusable = True
+            raise RinglmError(f"server error: {error}", server=self.address) from None
+        finally:
+            with self._lock:
+                self.in_flight -= 1
+            if connection is not None:
+                if reusable:
+                    self._give_back(connection)
+                else:
+                    connection.close()
+
+    def _take_idle(self) -> Connection | None:
+        horizon = time.monotonic() - self.config.max_idle_age_s
+        with self._lock:
+            while self._idle:
+                connection = self._idle.pop()
+                if connection.last_used >= horizon:
+                    return connection
+                connection.close()
+        return None
+
+    def _give_back(self, connection: Connection) -> None:
+        connection.last_used = time.monotonic()
+        with self._lock:
+            if self.ejected_until is None and len(self._idle) < self.config.max_idle_per_node:
+                self._idle.append(connection)
+                return
+        connection.close()
+
+    def call(self, method: str, *args, timeout_s: float | None = None):
+        """One call on a pooled connection."""
+        with self.connection() as connection:
+            return connection.call(method, *args, timeout_s=timeout_s or self.config.read_timeout_s)
+
+
+class Pool:
+    """The nodes of the ring, and a background checker that ejects, re-admits and refreshes them."""
+
+    def __init__(self, config: PoolConfig | None = None):
+        self.config = config or PoolConfig()
+        self._nodes: dict[str, Node] = {}
+        self._stop = threading.Event()
+        self._checker: threading.Thread | None = None
+
+    # -- membership
+
+    def set_nodes(self, addresses: Iterable[str]) -> None:
+        wanted = set(addresses)
+        for address in wanted - self._nodes.keys():
+            split_address(address)
+            self._nodes[address] = Node(address, self.config)
+        for address in set(self._nodes) - wanted:
+            self._nodes.pop(address).close()
+
+    def node(self, address: str) -> Node:
+        return self._nodes[address]
+
+    @property
+    def nodes(self) -> dict[str, Node]:
+        return dict(self._nodes)
+
+    def unavailable(self) -> set[str]:
+        return {address for address, node in self._nodes.items() if not node.available()}
+
+    def loads(self) -> dict[str, int]:
+        """Each node's load for bounded hashing: our in-flight calls plus other clients' work."""
+        return {address: node.load for address, node in self._nodes.items()}
+
+    # -- health
+
+    def start(self) -> None:
+        if self._checker is None and self.config.health_interval_s:
+            self._checker = threading.Thread(target=self._check_forever, name="ringlm-health", daemon=True)
+            self._checker.start()
+
+    def close(self) -> None:
+        self._stop.set()
+        if self._checker is not None:
+            self._checker.join(timeout=self.config.connect_timeout_s + self.config.read_timeout_s)
+        for node in list(self._nodes.values()):
+            node.close()
+
+    def _check_forever(self) -> None:
+        while not self._stop.wait(self.config.health_interval_s):
+            self.check_all()
+
+    def check_all(self) -> None:
+        """Probe every node that is admitted or whose back-off has ended."""
+        now = time.monotonic()
+        for node in list(self._nodes.values()):
+            if node.ejected_until is None or node.ejected_until <= now:
+                self.check(node)
+
+    def check(self, node: Node) -> bool:
+        """Refresh one node from its `status` (`health` if status needs a token we lack); True if it answered."""
+        try:
+            try:
+                status = node.call("status", timeout_s=self.config.connect_timeout_s)
+            except UnauthorizedError:
+                node.call("health", timeout_s=self.config.connect_timeout_s)
+                status = None
+        except ServerUnavailableError:
+            return False   # node.call has ejected it again, with a longer back-off
+        except RinglmError as error:
+            node.eject(str(error))
+            return False
+        if status is not None:
+            node.note_status(status)
+        node.readmit()
+        return True
