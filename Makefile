@@ -50,12 +50,12 @@ clean:
 # The Apache Thrift compiler (Debian's thrift-compiler): `make clients` and the interop tests use it.
 SUDO := $(if $(filter 0,$(shell id -u)),,sudo)
 thrift-compiler:
-	@command -v thrift >/dev/null || { $(SUDO) apt-get update && $(SUDO) apt-get install -y thrift-compiler; }
+	@command -v thrift >/dev/null || { $(SUDO) apt-get update && DEBIAN_FRONTEND=noninteractive $(SUDO) apt-get install -y thrift-compiler; }
 
 # ZooKeeper (Debian's zookeeper; Java is a dependency): the discovery tests start a private one with
 # scripts/zookeeper.sh, and `ringlm serve --zookeeper HOSTS` registers workers in it.
 zookeeper:
-	@test -f /usr/share/java/zookeeper.jar || { $(SUDO) apt-get update && $(SUDO) apt-get install -y zookeeper; }
+	@test -f /usr/share/java/zookeeper.jar || { $(SUDO) apt-get update && DEBIAN_FRONTEND=noninteractive $(SUDO) apt-get install -y zookeeper; }
 
 # Client code for other languages, generated from the IDL into clients/ (git-ignored: rerun this to refresh).
 CLIENT_LANGUAGES := java:java go:go nodejs:js:node cpp:cpp
