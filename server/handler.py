@@ -349,9 +349,6 @@ class ConnectionHandler:
         bias = values.get("logit_bias") or {}
         if len(bias) > self.service.limits.max_logit_bias:
             raise invalid("sampling.logit_bias", f"at most {self.service.limits.max_logit_bias} entries")
-        vocab = self.service.tokenizer.vocab_size
-        if any(not 0 <= token < vocab for token in bias):
-            raise invalid("sampling.logit_bias", f"token ids must be in 0..{vocab - 1}")
         try:
             return SamplingParams(**values)
         except (ValueError, TypeError) as error:
