@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import sys
 from pathlib import Path
@@ -221,7 +222,7 @@ def command_loadtest(args) -> int:
         raise ValueError("give --requests, --duration or both")
     target = loadtest_target(args)
     progress = None if args.no_progress else loadtest_progress(args)
-    with (progress or _nothing()) as bar:
+    with (progress or contextlib.nullcontext()) as bar:
         samples, wall = loadtest.run_load(
             target, loadtest_workload(args), concurrency=args.concurrency, rate=args.rate,
             requests=args.requests, duration_s=args.duration, on_sample=bar.advance if bar else None)
@@ -232,14 +233,6 @@ def command_loadtest(args) -> int:
     if args.plot:
         loadtest.plot(summary, Path(args.plot))
     return 0 if summary["requests_ok"] else 1
-
-
-class _nothing:
-    def __enter__(self):
-        return None
-
-    def __exit__(self, *exc):
-        return False
 
 
 def loadtest_progress(args):

@@ -16,7 +16,7 @@ import threading
 
 import torch
 from flask import Flask, Response, request
-from transformers import AutoModelForCausalLM, AutoTokenizer
+from transformers import AutoModelForCausalLM
 
 from ringlm.ext.tokenizer import Tokenizer
 from ringlm.models import default_model_path

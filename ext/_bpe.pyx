@@ -138,10 +138,10 @@ cdef inline Py_ssize_t number_run_end(const uint8_t* s, Py_ssize_t i, Py_ssize_t
     return i
 
 
-cdef inline bint is_letter(const uint8_t* s, Py_ssize_t i, Py_ssize_t end,
-                           uint32_t lower) noexcept nogil:
-    """s[i] is the ASCII letter `lower` in either case."""
-    return i < end and (s[i] | 0x20) == lower
+cdef inline bint letter_at(const uint8_t* s, Py_ssize_t i, Py_ssize_t end, uint8_t lower,
+                           bint ignore_case) noexcept nogil:
+    """s[i] is the ASCII letter `lower` (or its capital, when ignoring case)."""
+    return i < end and ((s[i] | 0x20) if ignore_case else s[i]) == lower
 
 
 cdef Py_ssize_t contraction_end(const uint8_t* s, Py_ssize_t i, Py_ssize_t end,
@@ -156,16 +156,11 @@ cdef Py_ssize_t contraction_end(const uint8_t* s, Py_ssize_t i, Py_ssize_t end,
         if c == 0xC5 and i + 1 < end and s[i + 1] == 0xBF:
             return i + 2
         c = c | 0x20 if 0x41 <= c <= 0x5A else c
-    if c == 0x73 or c == 0x74 or c == 0x6d or c == 0x64:
+    if c == 0x73 or c == 0x74 or c == 0x6d or c == 0x64:   # 's 't 'm 'd
         return i + 1
-    if c == 0x72 and (is_letter(s, i + 1, end, 0x65) if ignore_case
-                      else (i + 1 < end and s[i + 1] == 0x65)):
+    if (c == 0x72 or c == 0x76) and letter_at(s, i + 1, end, 0x65, ignore_case):   # 're 've
         return i + 2
-    if c == 0x76 and (is_letter(s, i + 1, end, 0x65) if ignore_case
-                      else (i + 1 < end and s[i + 1] == 0x65)):
-        return i + 2
-    if c == 0x6c and (is_letter(s, i + 1, end, 0x6c) if ignore_case
-                      else (i + 1 < end and s[i + 1] == 0x6c)):
+    if c == 0x6c and letter_at(s, i + 1, end, 0x6c, ignore_case):   # 'll
         return i + 2
     return 0
 
@@ -225,7 +220,7 @@ cdef Py_ssize_t llama3_piece_end(const uint8_t* s, Py_ssize_t i, Py_ssize_t end,
     cdef int width, w
     cdef uint32_t c0 = decode_char(s, i, &width)
     cdef int k0 = CHAR_CLASS[c0]
-    cdef Py_ssize_t j, last, after_newline
+    cdef Py_ssize_t j, after_newline
     if c0 == 0x27:
         j = contraction_end(s, i + 1, end, True)
         if j:

@@ -12,7 +12,7 @@ from tokenizers import Tokenizer as HFTokenizer
 from tokenizers import decoders, models, pre_tokenizers
 
 from ringlm.ext import _bpe
-from ringlm.ext.tokenizer import GPT2_PATTERN, LLAMA3_PATTERN, QWEN2_PATTERN, TokenizerSpec
+from ringlm.ext.tokenizer import LLAMA3_PATTERN, QWEN2_PATTERN, TokenizerSpec
 
 
 def hf_pre_tokenizer(rule: int):
@@ -40,5 +40,3 @@ def hf_tokenizer(spec: TokenizerSpec, rule: int | None = None) -> HFTokenizer:
                           for i in spec.added_ids])
     return tokenizer
 
-
-assert GPT2_PATTERN  # the gpt2 rule is ByteLevel's built-in regex; the pattern documents it

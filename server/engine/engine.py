@@ -52,12 +52,8 @@ class EngineConfig:
 class Samples:
     """One step's sampler output, by sequence: (token, logprob, top alternatives)."""
 
-    by_sequence: dict[int, tuple[int, float, list[tuple[int, float]]]]
-    failed: set
-
-    @classmethod
-    def none(cls) -> Samples:
-        return cls({}, set())
+    by_sequence: dict[Sequence, tuple[int, float, list[tuple[int, float]]]]
+    failed: set[Sequence]
 
     @classmethod
     def of(cls, result, rows: list[Sequence], failed: set) -> Samples:
@@ -69,7 +65,7 @@ class Samples:
         for r, seq in enumerate(rows):
             top = ([(int(t), float(lp)) for t, lp in zip(top_ids[r], top_logprobs[r])]
                    if top_ids is not None else [])
-            by_sequence[id(seq)] = (int(token_ids[r]), float(logprobs[r]), top)
+            by_sequence[seq] = (int(token_ids[r]), float(logprobs[r]), top)
         return cls(by_sequence, failed)
 
 
@@ -138,7 +134,7 @@ class Engine:
         self._seeds = np.random.default_rng()   # seeds for requests that bring none
         self._wakeup = gevent.event.Event()
         self._loop: gevent.Greenlet | None = None
-        self._recent_tokens: deque[tuple[float, int]] = deque()
+        self._recent_tokens: deque[float] = deque()   # when each token of the last window came
         self.counters = {"steps": 0, "step_seconds": 0.0, "generated_tokens": 0, "prompt_tokens": 0,
                          "preemptions": 0, **{f"finished_{r.value}": 0 for r in FinishReason}}
 
@@ -326,7 +322,7 @@ class Engine:
         logits = self.model(batch, self.cache)
         rows = [seq for chunk, seq in zip(chunks, owners) if chunk.logits]
         if not rows:
-            return Samples.none()
+            return Samples({}, set())
         if logits.device.type == "cpu":
             logits = logits.float().contiguous()
         try:
@@ -356,7 +352,7 @@ class Engine:
             if seq in samples.failed:
                 self._finish(seq, FinishReason.ERROR)
             elif chunk.logits:
-                self._append(seq, *samples.by_sequence[id(seq)])
+                self._append(seq, *samples.by_sequence[seq])
 
     def _append(self, seq: Sequence, token: int, logprob: float, top: list[tuple[int, float]]) -> None:
         top = top[:seq.request.top_logprobs]
@@ -367,7 +363,7 @@ class Engine:
         if seq.timings.first_token is None:
             seq.timings.first_token = now
         self.counters["generated_tokens"] += 1
-        self._recent_tokens.append((now, 1))
+        self._recent_tokens.append(now)
         request = seq.request
         text = ""
         if token == self.tokenizer.eos_id and not request.ignore_eos:
@@ -408,9 +404,9 @@ class Engine:
 
     def tokens_per_second(self) -> float:
         now = time.monotonic()
-        while self._recent_tokens and self._recent_tokens[0][0] < now - THROUGHPUT_WINDOW_SECONDS:
+        while self._recent_tokens and self._recent_tokens[0] < now - THROUGHPUT_WINDOW_SECONDS:
             self._recent_tokens.popleft()
-        return sum(count for _, count in self._recent_tokens) / THROUGHPUT_WINDOW_SECONDS
+        return len(self._recent_tokens) / THROUGHPUT_WINDOW_SECONDS
 
     def stats(self) -> dict:
         """Load, queues and cache use, for the status call and metrics."""
