@@ -235,6 +235,11 @@ def test_streamed_outputs_add_up_to_the_result(model, tokenizer):
     (dict(max_tokens=10**9), "max_tokens"),
     (dict(top_logprobs=99), "top_logprobs"),
     (dict(request_id=""), "request_id"),
+    (dict(resume_ids=(49152,)), "resume_ids"),
+    (dict(resume_ids=(5,) * 12), "resume_ids"),              # already max_tokens (12) tokens
+    (dict(prompt_ids=[1] * 200, resume_ids=(5,) * 56), "prompt"),   # 256 with the slot's 256
+    (dict(stop_token_ids=(49152,)), "stop_token_ids"),
+    (dict(sampling=SamplingParams(logit_bias={49152: 1.0})), "sampling.logit_bias"),
 ])
 def test_invalid_requests(model, tokenizer, change, field):
     engine = make_engine(model, tokenizer)

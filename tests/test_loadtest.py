@@ -112,6 +112,18 @@ def stub_url():
     server.shutdown()
 
 
+def test_bad_harness_arguments_are_refused():
+    specs = builtin_workload(4)
+    with pytest.raises(ValueError, match="exactly one of concurrency"):
+        run_load(None, specs, concurrency=2, rate=1.0, requests=1)
+    with pytest.raises(ValueError, match="exactly one of concurrency"):
+        run_load(None, specs, requests=1)
+    with pytest.raises(ValueError, match="request count, a duration"):
+        run_load(None, specs, concurrency=1)
+    with pytest.raises(ValueError, match="http"):
+        OpenAITarget("ftp://example/v1")
+
+
 def test_run_load_against_the_stub_in_process(stub_url):
     target = OpenAITarget(stub_url)
     specs = iter([RequestSpec(prompt="a", max_tokens=5), RequestSpec(messages=[{"role": "user", "content": "b"}]),
