@@ -29,7 +29,8 @@ import torch
 from ringlm.ext.sampling import SamplingParams
 from ringlm.ext.tokenizer import Tokenizer
 from ringlm.models import default_model_path
-from ringlm.server.engine.engine import Engine, EngineConfig
+from ringlm.server.engine.config import EngineConfig
+from ringlm.server.engine.engine import Engine
 from ringlm.server.engine.request import GenerationRequest
 from ringlm.server.model.threads import apply_torch_threads
 from ringlm.server.model.weights import load_model

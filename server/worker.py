@@ -317,9 +317,8 @@ def build_service(config: WorkerConfig) -> Service:
     import torch
 
     from ringlm.ext.tokenizer import Tokenizer
-    from ringlm.server.engine.engine import Engine, EngineConfig
-    from ringlm.server.engine.request import Priority
-    from ringlm.server.engine.scheduler import SchedulerConfig
+    from ringlm.server.engine.config import EngineConfig
+    from ringlm.server.engine.engine import Engine
     from ringlm.server.model import apply_torch_threads, load_model
 
     apply_torch_threads(config.torch_threads)   # before the model: torch reads it when it first runs
@@ -330,8 +329,7 @@ def build_service(config: WorkerConfig) -> Service:
     tokenizer = Tokenizer.from_model(config.model)
     engine = Engine(model, tokenizer, EngineConfig(
         num_slots=config.num_slots, max_seq_len=config.max_seq_len, max_batch_tokens=config.max_batch_tokens,
-        max_tokens_limit=config.max_tokens_limit, offload=True),
-        scheduler=SchedulerConfig(max_waiting={p: config.max_waiting for p in Priority}))
+        max_tokens_limit=config.max_tokens_limit, max_waiting=config.max_waiting, offload=True))
     limits = ServiceLimits(max_open_streams=config.max_open_streams,
                            stream_idle_timeout_s=config.stream_idle_timeout_s)
     return Service(engine, tokenizer, server_name=config.address, model_name=str(config.model), limits=limits,

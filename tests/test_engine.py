@@ -12,7 +12,8 @@ import torch
 from ringlm.ext.sampling import SamplingParams
 from ringlm.ext.tokenizer import Tokenizer
 from ringlm.models import default_model_path
-from ringlm.server.engine.engine import Engine, EngineConfig
+from ringlm.server.engine.config import EngineConfig
+from ringlm.server.engine.engine import Engine
 from ringlm.server.engine.request import (FinishReason, GenerationRequest, InvalidRequest, Overloaded,
                                           Priority)
 from ringlm.server.engine.scheduler import SchedulerConfig

@@ -25,6 +25,7 @@ import numpy as np
 
 from ringlm.ext.sampling import InvalidLogitsError, SamplingParams, sample
 from ringlm.ext.tokenizer import Tokenizer
+from ringlm.server.engine.config import EngineConfig
 from ringlm.server.engine.kv_cache import KVCache
 from ringlm.server.engine.request import (FinishReason, GenerationRequest, InvalidRequest, Output,
                                           Priority, Sequence)
@@ -34,18 +35,7 @@ from ringlm.server.model.llama import Llama, PackedBatch, SequenceChunk
 
 log = logging.getLogger(__name__)
 
-MAX_TOP_LOGPROBS = 20
 THROUGHPUT_WINDOW_SECONDS = 10.0
-
-
-@dataclass
-class EngineConfig:
-    num_slots: int = 16              # requests running at once (each owns one KV-cache slot)
-    max_seq_len: int = 2048          # prompt + generated tokens per request (capped by the model)
-    max_batch_tokens: int = 256      # tokens per step: decodes first, prefill chunks fill the rest
-    max_tokens_limit: int = 4096     # the largest max_tokens a request may ask for
-    prefix_cache: bool = True
-    offload: bool = True             # run model + sampler in gevent's threadpool
 
 
 @dataclass
@@ -127,7 +117,8 @@ class Engine:
         self.cache = cache or KVCache(model.config, self.config.num_slots, max_seq_len,
                                       dtype=model.dtype, device=model.device)
         self.slots = SlotTable(self.cache.num_slots, self.config.prefix_cache)
-        self.scheduler = Scheduler(scheduler)
+        self.scheduler = Scheduler(scheduler or SchedulerConfig(
+            max_waiting={p: self.config.max_waiting for p in Priority}))
         self.running: list[Sequence] = []
         self.in_flight: dict[str, Sequence] = {}
         self._arrivals = itertools.count()
@@ -182,8 +173,8 @@ class Engine:
                                                f"got {request.max_tokens}")
         if len(resumed) >= request.max_tokens:
             raise InvalidRequest("resume_ids", f"{len(resumed)} tokens already reach max_tokens")
-        if not 0 <= request.top_logprobs <= MAX_TOP_LOGPROBS:
-            raise InvalidRequest("top_logprobs", f"must be in 0..{MAX_TOP_LOGPROBS}")
+        if not 0 <= request.top_logprobs <= self.config.max_top_logprobs:
+            raise InvalidRequest("top_logprobs", f"must be in 0..{self.config.max_top_logprobs}")
         if not isinstance(request.sampling, SamplingParams):
             raise InvalidRequest("sampling", "must be a SamplingParams")
         if any(token >= vocab for token in request.sampling.logit_bias or ()):
