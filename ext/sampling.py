@@ -51,13 +51,15 @@ import numbers
 import os
 import struct
 from collections.abc import Mapping, Sequence
+from typing import NamedTuple
+
+import sys
 
 import numpy as np
-import torch
 
 from ringlm.ext import _sampling
 
-__all__ = ["SamplingParams", "InvalidLogitsError", "sample", "sample_on_device"]
+__all__ = ["SamplingParams", "SampledTokens", "InvalidLogitsError", "sample", "sample_on_device"]
 
 # The best tokens a top-p or min-p row starts from: most rows' nucleus fits (SmolLM2-135M at
 # top_p=0.9: nine in ten positions need fewer than 80 tokens); the others are redone from a bound.
@@ -72,6 +74,15 @@ THREADS = 1 if _CORES <= 4 else _CORES - 2
 _COLUMNS = _sampling.COLUMN_NAMES
 _COLUMN = {name: column for column, name in enumerate(_COLUMNS)}
 _TABLE_ROW = struct.Struct(f"{len(_COLUMNS)}d")
+
+
+class SampledTokens(NamedTuple):
+    """One sampler call's result, row by row."""
+
+    token_ids: np.ndarray                # [B] int64: the chosen token
+    logprobs: np.ndarray                 # [B] float64: its logprob in the distribution it was drawn from
+    top_ids: np.ndarray | None           # [B, top_n] the best-ranked tokens (None when top_n is 0)
+    top_logprobs: np.ndarray | None      # [B, top_n] their logprobs (-inf for filtered ones)
 
 
 class InvalidLogitsError(ValueError):
@@ -132,6 +143,11 @@ class SamplingParams:
         # This request's row of the parameter table, packed once: joining bytes costs far
         # less per call than numpy converting Python numbers.
         object.__setattr__(self, "_table_row", _TABLE_ROW.pack(*(getattr(self, name) for name in _COLUMNS)))
+
+    @property
+    def uses_penalties(self) -> bool:
+        """Whether this request's tokens depend on the ids it generated before."""
+        return self.repetition_penalty != 1.0 or self.presence_penalty != 0.0 or self.frequency_penalty != 0.0
 
     def seeded(self, generator: np.random.Generator) -> SamplingParams:
         """These parameters with a seed: their own, or a fresh one from `generator`."""
@@ -220,9 +236,16 @@ def _logit_bias(params: Sequence[SamplingParams], vocab: int) -> tuple[np.ndarra
     return offsets, ids, values
 
 
+def _is_tensor(value) -> bool:
+    """Whether value is a torch tensor. torch is imported only where tensors are handled, so code
+    that needs just SamplingParams (the scheduler, the request types) never loads it."""
+    torch = sys.modules.get("torch")
+    return torch is not None and isinstance(value, torch.Tensor)
+
+
 def _host_logits(logits) -> np.ndarray:
     """The logits as a float32 C-contiguous [B, V] numpy array, never copied."""
-    if isinstance(logits, torch.Tensor):
+    if _is_tensor(logits):
         logits = logits.detach().numpy()
     if not isinstance(logits, np.ndarray) or logits.dtype != np.float32 or logits.ndim != 2:
         raise ValueError("logits must be a float32 [batch, vocab] numpy array or CPU tensor")
@@ -247,13 +270,13 @@ def _sample_rows(logits: np.ndarray, batch: _Batch, top_n: int, threads: int) ->
         CPU_CANDIDATES, threads)
 
 
-def _results(outputs: tuple, top_n: int) -> tuple:
+def _results(outputs: tuple, top_n: int) -> SampledTokens:
     token_ids, logprobs, top_ids, top_logprobs, status = outputs
     if status.any():
         _raise_for_invalid_rows(status)
     if top_n:
-        return token_ids, logprobs, (top_ids, top_logprobs)
-    return token_ids, logprobs
+        return SampledTokens(token_ids, logprobs, top_ids, top_logprobs)
+    return SampledTokens(token_ids, logprobs, None, None)
 
 
 def _raise_for_invalid_rows(status: np.ndarray) -> None:
@@ -267,16 +290,16 @@ def _raise_for_invalid_rows(status: np.ndarray) -> None:
 
 def sample(logits, params: Sequence[SamplingParams], positions: Sequence[int] | np.ndarray,
            history: Sequence[Sequence[int]] | None = None, top_n: int = 0, *,
-           generator: np.random.Generator | None = None, threads: int | None = None) -> tuple:
+           generator: np.random.Generator | None = None, threads: int | None = None) -> SampledTokens:
     """Sample one token for each row of `logits` ([B, V] float32, a C-contiguous numpy array or
     a CPU tensor, read in place), row r with params[r] at positions[r], penalised by
-    history[r] (the ids it generated before). A tensor on a device goes to sample_on_device.
+    history[r] (the ids it generated before; only rows whose params use penalties need one,
+    any other row's history is ignored). A tensor on a device goes to sample_on_device.
 
-    Returns (token_ids [B] int64, logprobs [B] float64), and when top_n > 0 also
-    (top_ids [B, top_n], top_logprobs [B, top_n]): the row's best-ranked tokens with their
-    logprobs in the distribution the token was drawn from (-inf for filtered ones).
+    Returns SampledTokens: each row's token and logprob and, when top_n > 0, its best-ranked
+    tokens with their logprobs in the distribution the token was drawn from.
     Rows are spread over `threads` threads (default: THREADS)."""
-    if isinstance(logits, torch.Tensor) and logits.device.type != "cpu":
+    if _is_tensor(logits) and logits.device.type != "cpu":
         return sample_on_device(logits, params, positions, history, top_n, generator=generator,
                                 threads=threads)
     logits = _host_logits(logits)
@@ -288,12 +311,12 @@ def sample_on_device(logits: torch.Tensor, params: Sequence[SamplingParams],
                      positions: Sequence[int] | np.ndarray,
                      history: Sequence[Sequence[int]] | None = None, top_n: int = 0, *,
                      generator: np.random.Generator | None = None, threads: int | None = None,
-                     candidates: int = 256) -> tuple:
+                     candidates: int = 256) -> SampledTokens:
     """`sample` for logits on an accelerator (any torch device, the CPU included): penalise
     and take each row's best `candidates` tokens there (top_k's own k where it is smaller),
     copy only those to the host and finish in Cython; rows they cannot settle are finished
     from their whole penalised row. Same arguments and results as `sample`."""
-    if not isinstance(logits, torch.Tensor) or logits.ndim != 2 or 0 in logits.shape:
+    if not _is_tensor(logits) or logits.ndim != 2 or 0 in logits.shape:
         raise ValueError("logits must be a [batch, vocab] tensor")
     _integer("candidates", candidates, 1, 2**31 - 1)
     rows, vocab = logits.shape
@@ -309,6 +332,8 @@ def sample_on_device(logits: torch.Tensor, params: Sequence[SamplingParams],
 
 def _penalise_on_device(logits: torch.Tensor, batch: _Batch) -> torch.Tensor:
     """The device twin of _sampling.penalise: the same float32 operations in the same order."""
+    import torch
+
     if not len(batch.bias_ids) and not len(batch.history_ids):
         return logits
     device = logits.device
@@ -330,6 +355,8 @@ def _penalise_on_device(logits: torch.Tensor, batch: _Batch) -> torch.Tensor:
 
 def _entries(offsets: np.ndarray, ids: np.ndarray, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
     """A ragged per-row array of token ids as (rows, ids) index tensors."""
+    import torch
+
     rows = np.repeat(np.arange(len(offsets) - 1), np.diff(offsets))
     return torch.from_numpy(rows).to(device), torch.from_numpy(ids).long().to(device)
 
@@ -338,6 +365,8 @@ def _reduce_on_device(penalised: torch.Tensor, batch: _Batch, top_n: int, candid
     """What crosses to the host: each row's best k logits and their ids (torch.topk, k the
     most any row needs, plus one to see where ties end), log sum exp(y / T) over the whole
     row (temperature 1 for greedy rows), and which rows hold a NaN."""
+    import torch
+
     vocab = penalised.shape[1]
     temperature = batch.column("temperature")
     greedy = temperature < _sampling.GREEDY_TEMPERATURE
@@ -357,6 +386,8 @@ def _reduce_on_device(penalised: torch.Tensor, batch: _Batch, top_n: int, candid
 def _finish_whole_rows(outputs: tuple, penalised: torch.Tensor, batch: _Batch, top_n: int,
                        threads: int) -> None:
     """Redo, from their whole penalised rows, the rows the device's candidates left open."""
+    import torch
+
     rows = np.flatnonzero(outputs[-1] == _sampling.NEEDS_FULL_ROW)
     if not len(rows):
         return

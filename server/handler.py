@@ -17,22 +17,18 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import gevent
-import gevent.queue
 
 from ringlm.ext.sampling import SamplingParams
 from ringlm.ext.tokenizer import Tokenizer
 from ringlm.idl import ringlm_thrift as thrift
-from ringlm.server.engine.engine import Engine, GenerationResult, RequestHandle
-from ringlm.server.engine.request import (FinishReason, GenerationRequest, InvalidRequest, Output,
-                                          Overloaded, Priority)
+from ringlm.server.engine import (Engine, FinishReason, GenerationRequest, GenerationResult, InvalidRequest,
+                                  Overloaded, Priority, RequestHandle)
 
 log = logging.getLogger(__name__)
 request_log = logging.getLogger("ringlm.requests")
 
-FINISH_REASONS = {FinishReason.STOP: thrift.FinishReason.STOP, FinishReason.LENGTH: thrift.FinishReason.LENGTH,
-                  FinishReason.DEADLINE: thrift.FinishReason.DEADLINE,
-                  FinishReason.CANCELLED: thrift.FinishReason.CANCELLED,
-                  FinishReason.ERROR: thrift.FinishReason.ERROR}
+# The IDL's FinishReason names the engine's reasons one for one.
+FINISH_REASONS = {reason: getattr(thrift.FinishReason, reason.name) for reason in FinishReason}
 MODEL_ERROR_MESSAGE = "the model produced invalid logits (NaN or all -inf) for this request"
 SAMPLING_FIELDS = ("temperature", "top_k", "top_p", "min_p", "repetition_penalty", "presence_penalty",
                    "frequency_penalty", "seed", "logit_bias")
@@ -90,7 +86,7 @@ class Service:
             if stream.last_polled < horizon:
                 log.info("stream %s not polled for %.0f s: cancelled", stream_id,
                          self.limits.stream_idle_timeout_s)
-                self.engine.cancel(stream_id)
+                stream.handle.cancel()
                 self.streams.pop(stream_id, None)
                 stream.owner.opened_streams.discard(stream_id)
 
@@ -160,7 +156,7 @@ class ConnectionHandler:
     def generate(self, request: thrift.GenerateRequest) -> thrift.GenerateResult:
         self._check_auth()
         handle = self._submit(request)
-        watcher = gevent.spawn(self._cancel_when_gone, handle.request_id) if self.wait_peer_gone else None
+        watcher = gevent.spawn(self._cancel_when_gone, handle) if self.wait_peer_gone else None
         try:
             result = handle.result()
         finally:
@@ -177,10 +173,10 @@ class ConnectionHandler:
             raise thrift.Cancelled(message="the request was cancelled", partial=thrift_result)
         return thrift_result
 
-    def _cancel_when_gone(self, request_id: str) -> None:
+    def _cancel_when_gone(self, handle: RequestHandle) -> None:
         self.wait_peer_gone()
-        log.info("client of %s hung up: cancelled", request_id)
-        self.service.engine.cancel(request_id)
+        log.info("client of %s hung up: cancelled", handle.request_id)
+        handle.cancel()
 
     def open_stream(self, request: thrift.GenerateRequest) -> str:
         self._check_auth()
@@ -202,33 +198,17 @@ class ConnectionHandler:
         if stream is None:
             raise invalid("stream_id", f"no open stream '{stream_id}' on this server")
         stream.last_polled = time.monotonic()
-        outputs = self._collect(stream.handle, min(wait_ms, self.service.limits.max_wait_ms) / 1000)
-        chunk = thrift.StreamChunk(token_ids=[t for o in outputs for t in o.token_ids],
-                                   text="".join(o.text for o in outputs), done=False,
-                                   logprobs=[lp for o in outputs for lp in o.logprobs] if stream.logprobs else None)
-        if outputs and outputs[-1].finished:
+        output = stream.handle.poll(min(wait_ms, self.service.limits.max_wait_ms) / 1000)
+        chunk = thrift.StreamChunk(token_ids=output.token_ids, text=output.text, done=False,
+                                   logprobs=output.logprobs if stream.logprobs else None)
+        if output.finished:
             self.service.streams.pop(stream_id, None)
             stream.owner.opened_streams.discard(stream_id)
-            result = GenerationResult.of(stream.handle._seq)
+            result = stream.handle.result()
             self._log(result)
             chunk.done, chunk.result = True, self._to_thrift(result, stream.logprobs)
         stream.last_polled = time.monotonic()
         return chunk
-
-    @staticmethod
-    def _collect(handle: RequestHandle, wait_s: float) -> list[Output]:
-        """Block up to wait_s for the first output, then take whatever else is ready."""
-        queue: gevent.queue.Queue = handle._seq.queue
-        try:
-            outputs = [queue.get(block=wait_s > 0, timeout=wait_s)]
-        except gevent.queue.Empty:
-            return []
-        while not outputs[-1].finished:
-            try:
-                outputs.append(queue.get_nowait())
-            except gevent.queue.Empty:
-                break
-        return outputs
 
     def cancel(self, request_id: str) -> bool:
         self._check_auth()
@@ -237,8 +217,9 @@ class ConnectionHandler:
     def close(self) -> None:
         """The connection ended: cancel the streams it opened."""
         for stream_id in list(self.opened_streams):
-            if self.service.streams.pop(stream_id, None) is not None:
-                self.service.engine.cancel(stream_id)
+            stream = self.service.streams.pop(stream_id, None)
+            if stream is not None:
+                stream.handle.cancel()
         self.opened_streams.clear()
 
     # -- tokens

@@ -9,8 +9,8 @@ a frame's length is checked against `max_frame_bytes` before its body is read
 is checked by `wire` and then parsed by thriftpy2's Cython binary protocol
 from memory. Between calls a connection may stay silent for `idle_timeout_s`.
 
-The model and sampler run in gevent's threadpool (`EngineConfig.offload`), so
-the hub keeps answering sockets during a model step. SIGTERM drains: stop
+The model and sampler run in gevent's threadpool (`engine_loop`), so the hub
+keeps answering sockets during a model step. SIGTERM drains: stop
 accepting, refuse new generations with Overloaded(draining=True), finish what
 is running within `drain_grace_s`, exit 0.
 """
@@ -317,8 +317,8 @@ def build_service(config: WorkerConfig) -> Service:
     import torch
 
     from ringlm.ext.tokenizer import Tokenizer
-    from ringlm.server.engine.config import EngineConfig
-    from ringlm.server.engine.engine import Engine
+    from ringlm.server.engine import EngineConfig
+    from ringlm.server.engine_loop import gevent_engine
     from ringlm.server.model import apply_torch_threads, load_model
 
     apply_torch_threads(config.torch_threads)   # before the model: torch reads it when it first runs
@@ -327,9 +327,9 @@ def build_service(config: WorkerConfig) -> Service:
         device = f"cuda:{config.worker_index % torch.cuda.device_count()}"
     model = load_model(config.model, device=device, dtype=config.dtype)
     tokenizer = Tokenizer.from_model(config.model)
-    engine = Engine(model, tokenizer, EngineConfig(
+    engine = gevent_engine(model, tokenizer, EngineConfig(
         num_slots=config.num_slots, max_seq_len=config.max_seq_len, max_batch_tokens=config.max_batch_tokens,
-        max_tokens_limit=config.max_tokens_limit, max_waiting=config.max_waiting, offload=True))
+        max_tokens_limit=config.max_tokens_limit, max_waiting=config.max_waiting))
     limits = ServiceLimits(max_open_streams=config.max_open_streams,
                            stream_idle_timeout_s=config.stream_idle_timeout_s)
     return Service(engine, tokenizer, server_name=config.address, model_name=str(config.model), limits=limits,
@@ -350,10 +350,11 @@ def run(config: WorkerConfig) -> int:
         from ringlm.server.metrics import Metrics
         service.metrics = Metrics(service.stats)
         service.metrics.serve(config.host, config.metrics_port)
-    loop = service.engine.start()
-    loop.link_exception(worker.engine_died)
+    from ringlm.server.engine_loop import EngineLoop
+    engine_loop = EngineLoop(service.engine)
+    engine_loop.start().link_exception(worker.engine_died)
     code = worker.serve_forever()
-    service.engine.stop()
+    engine_loop.stop()
     log.info("stopped (exit code %d)", code)
     return code
 

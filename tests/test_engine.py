@@ -1,4 +1,8 @@
-"""The batching engine with a real (tiny, random) model: batching invariance, scheduling, stops, limits."""
+"""The batching engine with a real (tiny, random) model: batching invariance, scheduling, stops, limits.
+
+The engine runs here without gevent (threading Events, the model step in the calling thread), as
+offline users run it; `gevent_engine` and `EngineLoop` are tested at the end, as a worker runs them.
+"""
 
 from __future__ import annotations
 
@@ -12,11 +16,9 @@ import torch
 from ringlm.ext.sampling import SamplingParams
 from ringlm.ext.tokenizer import Tokenizer
 from ringlm.models import default_model_path
-from ringlm.server.engine.config import EngineConfig
-from ringlm.server.engine.engine import Engine
-from ringlm.server.engine.request import (FinishReason, GenerationRequest, InvalidRequest, Overloaded,
-                                          Priority)
-from ringlm.server.engine.scheduler import SchedulerConfig
+from ringlm.server.engine import (Engine, EngineConfig, FinishReason, GenerationRequest, InvalidRequest,
+                                  Overloaded, Priority)
+from ringlm.server.engine_loop import EngineLoop, gevent_engine
 from ringlm.server.model.llama import Llama, ModelConfig
 from ringlm.server.model.weights import random_weights
 
@@ -36,11 +38,15 @@ def model() -> Llama:
     return Llama.from_hf_weights(config, random_weights(config, seed=3))
 
 
+ENGINE_DEFAULTS = {"num_slots": 8, "max_seq_len": 256, "max_batch_tokens": 64}
+
+
 def make_engine(model, tokenizer, **overrides) -> Engine:
-    scheduler = overrides.pop("scheduler", None)
-    config = EngineConfig(**{"num_slots": 8, "max_seq_len": 256, "max_batch_tokens": 64,
-                             "offload": False, **overrides})
-    return Engine(model, tokenizer, config, scheduler=scheduler)
+    return Engine(model, tokenizer, EngineConfig(**{**ENGINE_DEFAULTS, **overrides}))
+
+
+def make_gevent_engine(model, tokenizer, **overrides) -> Engine:
+    return gevent_engine(model, tokenizer, EngineConfig(**{**ENGINE_DEFAULTS, **overrides}))
 
 
 def request(tokenizer, rid: str, text: str, **fields) -> GenerationRequest:
@@ -129,9 +135,9 @@ def test_priority_order_when_slots_are_scarce(model, tokenizer):
     blocker = engine.submit(request(tokenizer, "blocker", "x", max_tokens=3))
     handles = {name: engine.submit(request(tokenizer, name, "y", max_tokens=2, priority=priority))
                for name, priority in [("low", Priority.LOW), ("normal", Priority.NORMAL), ("high", Priority.HIGH)]}
-    while engine.step() or engine.running or len(engine.scheduler):
+    while engine.step() or engine.has_work():
         for name, handle in handles.items():
-            if name not in finished and handle._seq.finished:
+            if name not in finished and handle.finished:
                 finished.append(name)
     assert blocker.result().finish_reason == FinishReason.LENGTH
     # "high" preempts the NORMAL blocker; "normal" waits for the blocker, "low" for everyone.
@@ -148,7 +154,7 @@ def test_preempted_request_resumes_with_unchanged_output(model, tokenizer):
     high = engine.submit(request(tokenizer, "high", PROMPTS[4], max_tokens=5, priority=Priority.HIGH))
     engine.run_until_idle()
     assert high.result().finish_reason == FinishReason.LENGTH
-    assert engine.counters["preemptions"] == 1
+    assert engine.stats()["preemptions"] == 1
     assert low.result().token_ids == expected
 
 
@@ -166,7 +172,7 @@ def test_deadline_while_queued_and_while_running(model, tokenizer):
     assert queued_result.finish_reason == FinishReason.DEADLINE and queued_result.token_ids == []
     assert running_result.finish_reason == FinishReason.DEADLINE
     assert len(running_result.token_ids) == 3   # the tokens so far are kept
-    assert engine.slots.num_busy == 0
+    assert engine.stats()["slots_busy"] == 0
 
 
 def test_cancel_frees_the_slot(model, tokenizer):
@@ -183,8 +189,7 @@ def test_cancel_frees_the_slot(model, tokenizer):
 
 
 def test_overload_is_refused_at_once(model, tokenizer):
-    limits = SchedulerConfig(max_waiting={Priority.LOW: 1, Priority.NORMAL: 2, Priority.HIGH: 2})
-    engine = make_engine(model, tokenizer, scheduler=limits)
+    engine = make_engine(model, tokenizer, max_waiting=1)
     engine.submit(request(tokenizer, "l1", "a", priority=Priority.LOW))
     with pytest.raises(Overloaded) as refused:
         engine.submit(request(tokenizer, "l2", "a", priority=Priority.LOW))
@@ -215,13 +220,14 @@ def test_stop_conditions(model, tokenizer):
 
 
 def test_streamed_outputs_add_up_to_the_result(model, tokenizer):
-    engine = make_engine(model, tokenizer)
+    engine = make_gevent_engine(model, tokenizer)
     handle = engine.submit(request(tokenizer, "s", "stream me", max_tokens=10, top_logprobs=3))
-    engine.start()
+    loop = EngineLoop(engine)
+    loop.start()
     try:
         outputs = list(handle)
     finally:
-        engine.stop()
+        loop.stop()
     tokens = [t for o in outputs for t in o.token_ids]
     assert len(tokens) == 10 and outputs[-1].finished and outputs[-1].finish_reason == FinishReason.LENGTH
     assert all(len(top) == 3 for o in outputs[:-1] for top in o.top_logprobs)
@@ -258,7 +264,8 @@ def test_duplicate_request_id_in_flight(model, tokenizer):
 
 def test_the_hub_keeps_running_while_the_model_computes(model, tokenizer):
     """With offload on, other greenlets run during forward passes (the model is in a native thread)."""
-    engine = make_engine(model, tokenizer, offload=True, max_batch_tokens=256)
+    engine = make_gevent_engine(model, tokenizer, max_batch_tokens=256)
+    loop = EngineLoop(engine)
     ticks = []
 
     def ticker():
@@ -267,12 +274,12 @@ def test_the_hub_keeps_running_while_the_model_computes(model, tokenizer):
             gevent.sleep(0.001)
 
     ticking = gevent.spawn(ticker)
-    engine.start()
+    loop.start()
     try:
         handles = [engine.submit(request(tokenizer, f"t{i}", PROMPTS[i] * 3, max_tokens=30)) for i in range(8)]
         results = [h.result() for h in handles]
     finally:
-        engine.stop()
+        loop.stop()
         ticking.kill()
     assert all(r.finish_reason == FinishReason.LENGTH for r in results)
     steps = engine.counters["steps"]
@@ -281,7 +288,7 @@ def test_the_hub_keeps_running_while_the_model_computes(model, tokenizer):
 
 def test_real_model_greedy_matches_transformers(real_model, real_model_transformers, tokenizer):
     """Greedy continuations through the engine equal transformers' greedy generate (same token ids)."""
-    engine = Engine(real_model, tokenizer, EngineConfig(num_slots=4, max_seq_len=256, offload=False))
+    engine = Engine(real_model, tokenizer, EngineConfig(num_slots=4, max_seq_len=256))
     prompts = [tokenizer.apply_chat_template([{"role": "user", "content": q}])
                for q in ("What is the capital of France?", "Write a haiku about the sea.",
                          "List three prime numbers.")]
@@ -306,15 +313,11 @@ def test_resume_ids_continue_exactly(model, tokenizer, sampling):
     handle = engine.submit(request(tokenizer, "first", "Once upon a time", max_tokens=20, sampling=sampling,
                                    stop=("zzz-never",)))
     received, text = [], ""
-    engine.start()
-    try:
-        for output in handle:
-            received += output.token_ids
-            text += output.text
-            if len(received) >= 7:
-                break   # the first server "dies" here
-    finally:
-        engine.stop()
+    while len(received) < 7:   # the first server "dies" after 7 tokens
+        engine.step()
+        output = handle.poll(timeout=0)
+        received += output.token_ids
+        text += output.text
     rest = run_alone(model, tokenizer, request(tokenizer, "resumed", "Once upon a time", max_tokens=20,
                                                sampling=sampling, stop=("zzz-never",),
                                                resume_ids=tuple(received)))
@@ -324,15 +327,16 @@ def test_resume_ids_continue_exactly(model, tokenizer, sampling):
 
 
 def test_a_failing_step_fails_its_requests_not_the_engine(model, tokenizer, monkeypatch):
-    engine = make_engine(model, tokenizer)
-    engine.start()
+    engine = make_gevent_engine(model, tokenizer)
+    loop = EngineLoop(engine)
+    loop.start()
     try:
         broken = engine.submit(request(tokenizer, "broken", "a", max_tokens=5))
         with monkeypatch.context() as patch:
-            patch.setattr(engine, "_forward_and_sample", lambda *args: 1 / 0)
+            patch.setattr(engine.runner, "run", lambda *args: 1 / 0)
             assert broken.result().finish_reason == FinishReason.ERROR
         healthy = engine.submit(request(tokenizer, "healthy", "b", max_tokens=5))
         assert healthy.result().finish_reason == FinishReason.LENGTH   # the loop is still alive
     finally:
-        engine.stop()
-    assert engine.slots.num_busy == 0
+        loop.stop()
+    assert engine.stats()["slots_busy"] == 0

@@ -6,7 +6,7 @@ import pytest
 import torch
 from torch.testing import assert_close
 
-from ringlm.server.engine.kv_cache import KVCache
+from ringlm.server.model.kv_cache import KVCache
 from ringlm.server.model.llama import Llama, ModelConfig, PackedBatch, SequenceChunk
 from ringlm.server.model.threads import apply_torch_threads, default_torch_threads
 from ringlm.server.model.weights import load_model

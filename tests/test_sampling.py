@@ -74,8 +74,8 @@ def draws(row: np.ndarray, params: SamplingParams, n: int, history=()):
         rows = min(chunk, n - start)
         out = sample(np.tile(row, (rows, 1)), [params] * rows, np.full(rows, 11), [history] * rows,
                      generator=generator)
-        tokens.append(out[0])
-        logprobs.append(out[1])
+        tokens.append(out.token_ids)
+        logprobs.append(out.logprobs)
     return np.concatenate(tokens), np.concatenate(logprobs)
 
 
@@ -139,7 +139,7 @@ def test_frequencies_on_a_wide_vocabulary(params):
                                     SamplingParams(top_p=0.75), SamplingParams(min_p=0.1)])
 def test_the_draw_inverts_the_cumulative_distribution_in_id_order(params):
     seeded = [dataclasses.replace(params, seed=seed) for seed in range(500)]
-    tokens, _ = sample(np.tile(SMALL, (500, 1)), seeded, np.full(500, 11))
+    tokens, *_ = sample(np.tile(SMALL, (500, 1)), seeded, np.full(500, 11))
     cdf = np.cumsum(reference(SMALL, params))
     u = np.array([_sampling.draw_uniform(seed, 11) for seed in range(500)]) * cdf[-1]
     clear = np.abs(u[:, None] - cdf[None, :]).min(axis=1) > 1e-9   # skip draws on a boundary
@@ -159,7 +159,7 @@ def test_minus_infinity_is_never_drawn():
 def test_greedy_is_the_argmax_with_lowest_id_on_ties(temperature):
     logits = np.round(np.random.default_rng(2).standard_normal((64, 300)), 1).astype(np.float32)
     params = [SamplingParams(temperature=temperature, seed=1)] * 64
-    tokens, logprobs = sample(logits, params, np.zeros(64, int))
+    tokens, logprobs, *_ = sample(logits, params, np.zeros(64, int))
     np.testing.assert_array_equal(tokens, logits.argmax(axis=1))   # argmax keeps the first maximum
     expected = torch.log_softmax(torch.from_numpy(logits).double(), dim=1)[torch.arange(64), tokens]
     np.testing.assert_allclose(logprobs, expected.numpy(), rtol=0, atol=1e-5)
@@ -170,7 +170,7 @@ def test_greedy_follows_the_penalised_logits():
     history = [list(np.argsort(-row)[:3]) for row in logits]   # penalise each row's leaders
     params = SamplingParams(temperature=0, repetition_penalty=3.0, frequency_penalty=1.0,
                             logit_bias={7: 5.0})
-    tokens, logprobs = sample(logits, [params] * 32, np.zeros(32, int), history)
+    tokens, logprobs, *_ = sample(logits, [params] * 32, np.zeros(32, int), history)
     for row, hist, token, logprob in zip(logits, history, tokens, logprobs):
         expected = reference(row, params, hist)
         assert token == expected.argmax()
@@ -180,8 +180,8 @@ def test_greedy_follows_the_penalised_logits():
 
 def test_top_k_one_is_greedy():
     logits = lm_like(200, 1000, seed=5)
-    greedy, _ = sample(logits, [SamplingParams(temperature=0)] * 200, np.zeros(200, int))
-    top1, logprobs = sample(logits, [SamplingParams(temperature=1.5, top_k=1, seed=s) for s in range(200)],
+    greedy, *_ = sample(logits, [SamplingParams(temperature=0)] * 200, np.zeros(200, int))
+    top1, logprobs, *_ = sample(logits, [SamplingParams(temperature=1.5, top_k=1, seed=s) for s in range(200)],
                             np.arange(200))
     np.testing.assert_array_equal(top1, greedy)
     np.testing.assert_array_equal(logprobs, 0.0)
@@ -197,7 +197,7 @@ def test_top_k_one_is_greedy():
 def test_logprobs_and_alternatives_are_exact_on_a_real_sized_vocabulary(params):
     logits = lm_like(24, 49152, seed=6)
     rows = [dataclasses.replace(params, seed=s) for s in range(24)]
-    tokens, logprobs, (top_ids, top_logprobs) = sample(logits, rows, np.arange(24), top_n=5)
+    tokens, logprobs, top_ids, top_logprobs = sample(logits, rows, np.arange(24), top_n=5)
     for row, token, logprob, ids, alternatives in zip(logits, tokens, logprobs, top_ids, top_logprobs):
         expected = reference(row, params)
         assert expected[token] > 0
@@ -224,18 +224,18 @@ def mixed_batch(seed: int = 7):
 
 def test_a_row_draws_the_same_token_whatever_the_batch_and_its_place_in_it():
     logits, history, positions = mixed_batch()
-    tokens, logprobs = sample(logits, MIXED, positions, history)
+    tokens, logprobs, *_ = sample(logits, MIXED, positions, history)
     order = np.random.default_rng(0).permutation(len(MIXED))
-    shuffled, shuffled_logprobs = sample(logits[order], [MIXED[i] for i in order], positions[order],
+    shuffled, shuffled_logprobs, *_ = sample(logits[order], [MIXED[i] for i in order], positions[order],
                                          [history[i] for i in order])
     np.testing.assert_array_equal(shuffled, tokens[order])
     np.testing.assert_array_equal(shuffled_logprobs, logprobs[order])
     for r in range(len(MIXED)):
-        alone, _ = sample(logits[r:r + 1], MIXED[r:r + 1], positions[r:r + 1], history[r:r + 1])
+        alone, *_ = sample(logits[r:r + 1], MIXED[r:r + 1], positions[r:r + 1], history[r:r + 1])
         assert alone[0] == tokens[r]
     others, other_history, _ = mixed_batch(seed=8)
     crowd = np.concatenate([others, logits])
-    crowded, _ = sample(crowd, MIXED + MIXED, np.concatenate([positions + 1, positions]),
+    crowded, *_ = sample(crowd, MIXED + MIXED, np.concatenate([positions + 1, positions]),
                         other_history + history)
     np.testing.assert_array_equal(crowded[len(MIXED):], tokens)
 
@@ -244,15 +244,15 @@ def test_one_thread_or_many_give_the_same_tokens():
     logits, history, positions = mixed_batch()
     many = sample(logits, MIXED, positions, history, threads=3)
     one = sample(logits, MIXED, positions, history, threads=1)
-    np.testing.assert_array_equal(one[0], many[0])
-    np.testing.assert_array_equal(one[1], many[1])
+    np.testing.assert_array_equal(one.token_ids, many.token_ids)
+    np.testing.assert_array_equal(one.logprobs, many.logprobs)
 
 
 def test_a_position_sampled_again_gives_the_same_token_and_positions_differ():
     logits = np.zeros((200, 3000), dtype=np.float32)   # uniform: each draw shows
     params = SamplingParams(temperature=1.0, seed=1234)
-    first, _ = sample(logits, [params] * 200, np.arange(200))
-    again, _ = sample(logits, [params] * 200, np.arange(200))
+    first, *_ = sample(logits, [params] * 200, np.arange(200))
+    again, *_ = sample(logits, [params] * 200, np.arange(200))
     np.testing.assert_array_equal(first, again)
     assert len(set(first.tolist())) > 180   # each position is a fresh draw
     draw = _sampling.draw_uniform
@@ -262,9 +262,9 @@ def test_a_position_sampled_again_gives_the_same_token_and_positions_differ():
 def test_unseeded_rows_take_seeds_from_the_generator():
     logits = np.zeros((64, 3000), dtype=np.float32)
     unseeded = [SamplingParams()] * 64
-    first, _ = sample(logits, unseeded, np.zeros(64, int), generator=np.random.default_rng(5))
-    again, _ = sample(logits, unseeded, np.zeros(64, int), generator=np.random.default_rng(5))
-    fresh, _ = sample(logits, unseeded, np.zeros(64, int))
+    first, *_ = sample(logits, unseeded, np.zeros(64, int), generator=np.random.default_rng(5))
+    again, *_ = sample(logits, unseeded, np.zeros(64, int), generator=np.random.default_rng(5))
+    fresh, *_ = sample(logits, unseeded, np.zeros(64, int))
     np.testing.assert_array_equal(first, again)
     assert (first != fresh).any()
     assert len(set(first.tolist())) > 55   # rows got different seeds
@@ -295,7 +295,7 @@ def test_penalties_can_empty_a_row():
 def test_plus_infinity_wins_with_the_lowest_id(params):
     logits = lm_like(50, 1000, seed=12)
     logits[:, [700, 300, 900]] = np.inf
-    tokens, logprobs, (ids, alternatives) = sample(
+    tokens, logprobs, ids, alternatives = sample(
         logits, [dataclasses.replace(params, seed=s) for s in range(50)], np.arange(50), top_n=4)
     np.testing.assert_array_equal(tokens, 300)
     np.testing.assert_array_equal(logprobs, 0.0)
@@ -323,10 +323,10 @@ def test_the_device_path_draws_what_the_whole_row_path_draws(candidates):
     host = sample(logits, params, positions, history, top_n=3)
     device = sample_on_device(torch.from_numpy(logits), params, positions, history, top_n=3,
                               candidates=candidates)
-    np.testing.assert_array_equal(device[0], host[0])
-    np.testing.assert_allclose(device[1], host[1], rtol=0, atol=1e-5)
-    np.testing.assert_array_equal(device[2][0], host[2][0])
-    np.testing.assert_allclose(device[2][1], host[2][1], rtol=0, atol=1e-5)
+    np.testing.assert_array_equal(device.token_ids, host.token_ids)
+    np.testing.assert_allclose(device.logprobs, host.logprobs, rtol=0, atol=1e-5)
+    np.testing.assert_array_equal(device.top_ids, host.top_ids)
+    np.testing.assert_allclose(device.top_logprobs, host.top_logprobs, rtol=0, atol=1e-5)
 
 
 def test_the_device_path_finishes_only_what_it_must_from_whole_rows(monkeypatch):
@@ -351,8 +351,8 @@ def test_cpu_tensors_are_read_in_place():
     logits = torch.from_numpy(lm_like(4, 300, seed=16))
     assert np.shares_memory(sampling._host_logits(logits), logits.numpy())
     params = [SamplingParams(top_p=0.9, seed=s) for s in range(4)]
-    np.testing.assert_array_equal(sample(logits, params, [1, 2, 3, 4])[0],
-                                  sample(logits.numpy(), params, [1, 2, 3, 4])[0])
+    np.testing.assert_array_equal(sample(logits, params, [1, 2, 3, 4]).token_ids,
+                                  sample(logits.numpy(), params, [1, 2, 3, 4]).token_ids)
 
 
 # ---- validation ----------------------------------------------------------------------------

@@ -11,7 +11,7 @@ import torch
 from torch.testing import assert_close
 
 from ringlm.models import ModelNotFoundError
-from ringlm.server.engine.kv_cache import KVCache
+from ringlm.server.model.kv_cache import KVCache
 from ringlm.server.model.llama import Llama, ModelConfig, PackedBatch, RopeScaling, SequenceChunk
 from ringlm.server.model.weights import (ModelFormatError, UnsupportedModelError, load_model,
                                          permute_rope_rows, random_weights, read_gguf,

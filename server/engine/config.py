@@ -14,7 +14,6 @@ class EngineConfig:
     max_waiting: int = 256           # queued requests per priority before Overloaded
     max_top_logprobs: int = 20       # the largest top_logprobs a request may ask for
     prefix_cache: bool = True
-    offload: bool = True             # run model + sampler in gevent's threadpool
 
     def __post_init__(self) -> None:
         for name in ("num_slots", "max_seq_len", "max_batch_tokens", "max_tokens_limit", "max_waiting"):

@@ -68,9 +68,6 @@ class SlotTable:
         """Free slots that still hold a reusable prefix."""
         return sum(not s.busy and len(s.tokens) > 0 for s in self.slots)
 
-    def has_free_slot(self) -> bool:
-        return any(not s.busy for s in self.slots)
-
     def acquire(self, prompt: list[int] | np.ndarray) -> Acquired | None:
         """A slot for a sequence starting with `prompt`, reusing the longest cached prefix."""
         free = [s for s in self.slots if not s.busy]

@@ -24,7 +24,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 if TYPE_CHECKING:
-    from ringlm.server.engine.kv_cache import KVCache
+    from ringlm.server.model.kv_cache import KVCache
 
 ARCHITECTURES = ("llama", "qwen2")
 ROPE_SCALING_KINDS = ("linear", "llama3", "factors")

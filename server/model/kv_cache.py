@@ -2,8 +2,8 @@
 
 A slot holds one sequence's keys and values contiguously, positions 0 to
 `max_seq_len - 1`, so attention reads a sequence as a plain view with no
-gather. The engine owns the cache and hands slots to requests; the model's
-forward writes the new tokens of each step into their slots. Nothing is
+gather. The model runner owns the cache and the scheduler hands slots to
+requests; the model's forward writes the new tokens of each step into their slots. Nothing is
 allocated after construction: a step only writes into these two tensors.
 Positions past a sequence's length are never read, so a freed slot needs no
 clearing before reuse.
