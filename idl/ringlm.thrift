@@ -44,8 +44,12 @@ struct ChatMessage {
 
 /**
  * How the next token is chosen. Order: penalties, temperature, top-k, top-p, min-p.
- * A request with the same prompt, options and seed gives the same tokens on any
- * server, whatever else is batched with it.
+ * The random draw for each position depends only on the seed and the position, so a
+ * request with the same prompt, options and seed, run on the same model, gets the same
+ * draws on any server and in any batch. Caveat: the logits themselves can differ in
+ * their last bits with the shape of the batch a request shares (float rounding in the
+ * matrix multiplies), so a token whose top choices are that close can still change;
+ * greedy and filtered sampling (top_k, top_p) keep that rare, but it is not guaranteed.
  */
 struct SamplingOptions {
   1: optional double temperature = 1.0,         // 0 = greedy (argmax)
@@ -75,7 +79,7 @@ struct GenerateRequest {
   10: optional string request_id,              // for cancel(); unset: the server makes one
   11: optional string session,                 // routing key of the conversation (used by clients)
   12: optional bool logprobs = false,          // return each token's log-probability
-  13: optional i32 top_logprobs = 0,           // and this many best alternatives per token (<= 20)
+  13: optional i32 top_logprobs = 0,           // and this many best alternatives per token (server limit, 20 by default)
   14: optional bool ignore_eos = false,        // keep going past the end-of-sequence token
   15: optional bool add_generation_prompt = true,  // for messages: end with the assistant's turn
   /**
@@ -193,7 +197,11 @@ service Generator {
       throws (1: InvalidRequest invalid, 2: Overloaded overloaded, 3: DeadlineExceeded deadline,
               4: Cancelled cancelled, 5: Unauthorized unauthorized, 6: ModelError model_error),
 
-  /** Start a streamed generation; returns its stream id (the request id). */
+  /**
+   * Start a streamed generation; returns its stream id (the request id: the caller's,
+   * or one the server makes that nobody can guess). Only the connection that opened a
+   * stream can poll it; a request_id that names a stream still open is InvalidRequest.
+   */
   string open_stream(1: GenerateRequest request)
       throws (1: InvalidRequest invalid, 2: Overloaded overloaded, 5: Unauthorized unauthorized),
 
@@ -207,7 +215,7 @@ service Generator {
   StreamChunk next_chunk(1: string stream_id, 2: i32 wait_ms)
       throws (1: InvalidRequest invalid, 5: Unauthorized unauthorized, 6: ModelError model_error),
 
-  /** End a request at the next step; false if the server does not know it. */
+  /** End a request at the next step, from any connection that knows its id; false if the server does not know it. */
   bool cancel(1: string request_id) throws (5: Unauthorized unauthorized),
 
   list<i32> tokenize(1: string text, 2: bool add_special_tokens, 3: bool parse_special)

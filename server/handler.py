@@ -9,9 +9,9 @@ goes away cancels its own work and nobody else's.
 from __future__ import annotations
 
 import hmac
-import itertools
 import logging
 import os
+import secrets
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -73,11 +73,10 @@ class Service:
         self.connections = 0
         self.draining = False
         self.started = time.monotonic()
-        self._ids = itertools.count(1)
-        self._id_prefix = f"{server_name}-{os.getpid()}-{int(time.time())}"
 
     def new_request_id(self) -> str:
-        return f"{self._id_prefix}-{next(self._ids)}"
+        """An id nobody can guess: `cancel` and stream ids are only as private as the request id."""
+        return f"{self.server_name}-{secrets.token_hex(12)}"
 
     def reap_idle_streams(self) -> None:
         """Cancel streams nobody polled within the idle timeout (the worker calls this periodically)."""
@@ -184,6 +183,9 @@ class ConnectionHandler:
         if len(self.service.streams) >= limit:
             raise thrift.Overloaded(message=f"{limit} streams are open, the server's limit",
                                     retry_after_ms=1000, draining=self.service.draining)
+        if request is not None and request.request_id in self.service.streams:
+            # A finished stream whose last chunk nobody read yet keeps its id until it is read.
+            raise invalid("request_id", f"'{request.request_id}' names a stream that is still open")
         handle = self._submit(request)
         self.service.streams[handle.request_id] = OpenStream(
             handle, self, logprobs=request.logprobs or bool(request.top_logprobs))
@@ -195,8 +197,9 @@ class ConnectionHandler:
         if wait_ms is None or wait_ms < 0:
             raise invalid("wait_ms", "must be >= 0")
         stream = self.service.streams.get(stream_id)
-        if stream is None:
-            raise invalid("stream_id", f"no open stream '{stream_id}' on this server")
+        if stream is None or stream.owner is not self:
+            # Another connection's stream is as good as absent: its chunks are its owner's alone.
+            raise invalid("stream_id", f"no open stream '{stream_id}' on this connection")
         stream.last_polled = time.monotonic()
         output = stream.handle.poll(min(wait_ms, self.service.limits.max_wait_ms) / 1000)
         chunk = thrift.StreamChunk(token_ids=output.token_ids, text=output.text, done=False,
