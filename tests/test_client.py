@@ -115,6 +115,25 @@ def test_requests_without_a_session_spread_over_the_ring(client):
     assert {r.server for r in results} == set(client.servers)
 
 
+def test_top_logprobs_come_back_from_generate_and_from_a_streams_result(client):
+    options = dict(session="alternatives", max_tokens=8, ignore_eos=True, top_logprobs=3)
+    whole = client.generate(STORY, **options)
+    assert len(whole.top_logprobs) == len(whole.logprobs) == len(whole.token_ids) == 8
+    for token, logprob, alternatives in zip(whole.token_ids, whole.logprobs, whole.top_logprobs):
+        assert len(alternatives) == 3
+        assert alternatives[0][0] == token   # greedy: the chosen token is the likeliest
+        assert alternatives[0][1] == pytest.approx(logprob, abs=1e-5)
+        assert [lp for _, lp in alternatives] == sorted((lp for _, lp in alternatives), reverse=True)
+    stream = client.stream(STORY, **options)
+    assert "".join(stream) == whole.text
+    assert stream.result.token_ids == whole.token_ids
+    assert [[t for t, _ in row] for row in stream.result.top_logprobs] == [[t for t, _ in row]
+                                                                          for row in whole.top_logprobs]
+    assert stream.result.logprobs == pytest.approx(whole.logprobs, abs=1e-5)
+    plain = client.generate(STORY, max_tokens=2)
+    assert plain.top_logprobs is None and plain.logprobs is None
+
+
 def test_tokenize_and_detokenize_round_trip(client):
     ids = client.tokenize("naïve café ☕")
     assert ids and all(isinstance(i, int) for i in ids)
@@ -128,6 +147,16 @@ def test_status_all_reports_every_server(client):
 
 
 # -- typed errors, retries and deadlines
+
+def test_generate_and_stream_skip_a_draining_node_alike(cluster):
+    with Client([address(w) for w in cluster], health_interval_s=0) as client:   # no checker to undo the mark
+        home, *_ = cluster
+        session = session_homed_at(client, address(home))
+        client.pool.node(address(home)).draining = True
+        generated = client.generate(STORY, session=session, max_tokens=2)
+        stream = client.stream(STORY, session=session, max_tokens=2)
+        list(stream)
+        assert generated.server == stream.result.server == client.ring.nodes_for(session)[1]
 
 def test_a_bad_request_is_a_typed_error_naming_the_field(client):
     with pytest.raises(InvalidRequestError) as error:
