@@ -300,10 +300,11 @@ def test_kill_9_under_load_loses_no_request_and_streams_resume_identically(clust
             options = stream.request.sampling
             uninterrupted = client.generate(stream.request.prompt, max_tokens=stream.request.max_tokens,
                                             temperature=options.temperature, top_k=options.top_k,
-                                            seed=options.seed, ignore_eos=True)
+                                            seed=options.seed, ignore_eos=True, logprobs=True)
             assert uninterrupted.server != gone
             assert stream.result.token_ids == uninterrupted.token_ids
             assert stream.result.text == uninterrupted.text
+            check_logprobs_survived_the_failover(stream.result, uninterrupted)
 
         check_drained_server_gets_no_new_requests(client, drained)
         cluster[0] = WorkerProcess(model_dir, tmp_path / "restarted.log", port=victim.port).wait_ready()
@@ -312,6 +313,16 @@ def test_kill_9_under_load_loses_no_request_and_streams_resume_identically(clust
     finally:
         client.close()
         streamer.close()
+
+
+def check_logprobs_survived_the_failover(resumed, uninterrupted) -> None:
+    """Every token's logprob arrived with its chunk; the alternatives of the tokens the dead server sent
+    (at least the 5 before the pause) went with it, the rest came from the server that finished."""
+    assert resumed.logprobs == pytest.approx(uninterrupted.logprobs, abs=1e-4)
+    lost = resumed.top_logprobs.count(None)
+    assert 5 <= lost < len(resumed.token_ids) == len(resumed.top_logprobs)
+    assert resumed.top_logprobs[:lost] == [None] * lost
+    assert all(len(alternatives) == 2 for alternatives in resumed.top_logprobs[lost:])
 
 
 def start_paused_streams(client: Client, node: str, count: int):
@@ -325,7 +336,7 @@ def start_paused_streams(client: Client, node: str, count: int):
     streams = []
     for i in range(count):
         stream = client.stream(f"{STORY} {i}", session=session_homed_at(client, node, start=1000 * i),
-                               max_tokens=120, temperature=0.8, top_k=20, ignore_eos=True)
+                               max_tokens=120, temperature=0.8, top_k=20, ignore_eos=True, top_logprobs=2)
         started = threading.Event()
 
         def consume(stream=stream, started=started):
