@@ -164,7 +164,8 @@ class Client:
 
     def _with_failover(self, key: str, deadline: float | None,
                        attempt: Callable[[Node, int | None], T]) -> T:
-        """attempt(node, remaining_ms) on each node of the key's failover until one answers."""
+        """attempt(node, remaining_ms) on each node of the key's failover until one answers (the
+        failover raises when the deadline passes or no node is left)."""
         failover = self.failover(key, deadline)
         for node, remaining_ms in failover:
             try:
