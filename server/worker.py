@@ -26,7 +26,6 @@ import socket
 import struct
 import sys
 import time
-from pathlib import Path
 
 import gevent
 import gevent.event
@@ -38,6 +37,7 @@ from thriftpy2.protocol.cybin import TCyBinaryProtocol
 from thriftpy2.thrift import TApplicationException, TProcessor
 from thriftpy2.transport.memory import TCyMemoryBuffer
 
+from ringlm.client.auth import read_token_file
 from ringlm.idl import ringlm_thrift as thrift
 from ringlm.server import wire
 from ringlm.server.config import WorkerConfig, add_arguments, config_from_args
@@ -199,7 +199,7 @@ class Worker:
 
     def register(self) -> None:
         """Join the cluster in ZooKeeper once listening, so clients never see a server that cannot answer."""
-        from ringlm.client.discovery import Registration
+        from ringlm.server.registration import Registration
         self.registration = Registration(self.config.zookeeper, self.config.address, weight=self.config.weight,
                                          model=self.service.model_name, gevent=True)
 
@@ -288,15 +288,6 @@ def tls_context(config: WorkerConfig) -> ssl.SSLContext | None:
     return context
 
 
-def read_auth_token(path: str | None) -> str | None:
-    if path is None:
-        return None
-    token = Path(path).read_text().strip()
-    if not token:
-        raise ValueError(f"{path}: the auth token file is empty")
-    return token
-
-
 def check_config(config: WorkerConfig) -> None:
     if bool(config.tls_cert) != bool(config.tls_key):
         raise ValueError("--tls-cert and --tls-key go together")
@@ -333,7 +324,7 @@ def build_service(config: WorkerConfig) -> Service:
     limits = ServiceLimits(max_open_streams=config.max_open_streams,
                            stream_idle_timeout_s=config.stream_idle_timeout_s)
     return Service(engine, tokenizer, server_name=config.address, model_name=str(config.model), limits=limits,
-                   auth_token=read_auth_token(config.auth_token_file))
+                   auth_token=read_token_file(config.auth_token_file))
 
 
 def run(config: WorkerConfig) -> int:
