@@ -175,12 +175,11 @@ class Scheduler:
         decoding = sorted((state for state in self.running if state.pending == 1), key=lambda state: state.slot)
         prefilling = [state for state in self.running if state.pending > 1]
         for state in decoding + prefilling:
-            if state.cached >= state.num_prompt:
-                # Generated tokens being recomputed (resume_ids, preemption) go one per step, as
-                # they were first computed: the decode path's arithmetic, so the same logits.
-                count = 1
-            else:
-                count = min(state.num_prompt - state.cached, budget)
+            # Prompts and generated tokens being recomputed (resume_ids, a preempted request's
+            # return) are prefilled alike, in chunks: a failover after 1,000 tokens costs a few
+            # steps, not 1,000 (their logits may differ from the first computation's in the last
+            # bits, as any chunking does; see the determinism notes in docs/architecture.md).
+            count = min(state.pending, budget)
             if count <= 0:
                 break
             chunks.append(ScheduledChunk(state, state.cached, count, sample=count == state.pending))
@@ -190,10 +189,10 @@ class Scheduler:
     # ------------------------------------------------------------ after the step
 
     def advance(self, chunk: ScheduledChunk) -> None:
-        """The chunk's tokens are in the cache now; a prompt prefix becomes shareable."""
+        """The chunk's tokens are in the cache now; a prefilled prefix becomes shareable."""
         state = chunk.state
         state.cached += chunk.count
-        if state.cached <= state.num_prompt or not chunk.sample:
+        if chunk.count > 1 or not chunk.sample:   # a prefill: decodes skip the O(length) copy
             self.slots.update(state.slot, state.token_ids[:state.cached])
 
     def release(self, state: RequestState) -> None:
