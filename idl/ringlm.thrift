@@ -56,7 +56,7 @@ struct SamplingOptions {
   2: optional i32 top_k = 0,                    // 0 = off
   3: optional double top_p = 1.0,               // in (0, 1]; 1 = off
   4: optional double min_p = 0.0,               // in [0, 1]; 0 = off
-  5: optional double repetition_penalty = 1.0,  // > 0; 1 = off
+  5: optional double repetition_penalty = 1.0,  // in [0.01, 100]; 1 = off
   6: optional double presence_penalty = 0.0,    // in [-2, 2]
   7: optional double frequency_penalty = 0.0,   // in [-2, 2]
   8: optional i64 seed,                         // unset: the server picks one
