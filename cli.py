@@ -56,6 +56,14 @@ def command_serve(args) -> int:
     return serve(config_from_args(args), args.workers)
 
 
+def process_count(text: str) -> int:
+    """An argparse type: how many server processes to start, at least one."""
+    count = int(text)
+    if count < 1:
+        raise argparse.ArgumentTypeError(f"must be at least 1, got {count}")
+    return count
+
+
 def command_status(args) -> int:
     """Each server's status as a JSON line, asked directly (not through a ring); exit 1 if one failed."""
     from ringlm.client.address import parse_server_list
@@ -158,7 +166,7 @@ def command_chat(args) -> int:
 def command_cluster(args) -> int:
     from ringlm.server.cluster import cluster
     from ringlm.server.config import config_from_args
-    return cluster(config_from_args(args), args.servers)
+    return cluster(config_from_args(args), args.count)
 
 
 def loadtest_target(args):
@@ -272,10 +280,10 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--model", default="default")
     demo.set_defaults(run=command_demo)
 
+    from ringlm.server.config import add_arguments as add_worker_arguments
     serve = commands.add_parser("serve", help="run N server workers on ports P..P+N-1 until SIGTERM")
-    serve.add_argument("--workers", type=int, default=1, help="worker processes (default 1)")
-    from ringlm.server.config import add_arguments
-    add_arguments(serve)
+    serve.add_argument("--workers", type=process_count, default=1, metavar="N", help="worker processes (default 1)")
+    add_worker_arguments(serve)
     serve.set_defaults(run=command_serve)
 
     status = commands.add_parser("status", help="print each server's status as a JSON line; "
@@ -303,12 +311,12 @@ def build_parser() -> argparse.ArgumentParser:
     chat.add_argument("--verbose", action="store_true", help="after each reply, print its server and cached "
                                                              "prompt tokens to standard error")
     chat.set_defaults(run=command_chat)
+
     cluster = commands.add_parser("cluster", help="start N local servers, wait until healthy, stop on Ctrl-C")
-    cluster.add_argument("--servers", type=int, default=2, metavar="N", help="servers to start (default 2)")
-    from ringlm.server.config import add_arguments
-    add_arguments(cluster)
-    cluster.add_argument("--base-port", dest="port", type=int, default=9090, metavar="P",
-                         help="the first server's port; the others follow (default 9090)")
+    cluster.add_argument("--count", type=process_count, default=2, metavar="N", help="servers to start (default 2)")
+    add_worker_arguments(cluster)
+    cluster.add_argument("--base-port", dest="port", type=int, default=argparse.SUPPRESS, metavar="P",
+                         help="the first server's port, the others following it (the same as --port)")
     cluster.set_defaults(run=command_cluster)
 
     loadtest = commands.add_parser("loadtest", help="measure a ringlm cluster or an OpenAI-compatible server")

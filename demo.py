@@ -56,7 +56,7 @@ def _free(port: int) -> bool:
 
 
 def start_cluster(model: str, base: int) -> subprocess.Popen:
-    argv = [sys.executable, "-m", "ringlm.cli", "cluster", "--servers", str(SERVERS), "--model", model,
+    argv = [sys.executable, "-m", "ringlm.cli", "cluster", "--count", str(SERVERS), "--model", model,
             "--base-port", str(base), "--num-slots", "8", "--max-seq-len", "1024", "--torch-threads", "1"]
     return subprocess.Popen(argv, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
 

@@ -21,6 +21,7 @@ import gevent
 from ringlm.ext.sampling import SamplingParams
 from ringlm.ext.tokenizer import Tokenizer
 from ringlm.idl import ringlm_thrift as thrift
+from ringlm.server.config import ServiceLimits
 from ringlm.server.engine import (Engine, FinishReason, GenerationRequest, GenerationResult, InvalidRequest,
                                   Overloaded, Priority, RequestHandle)
 
@@ -32,21 +33,6 @@ FINISH_REASONS = {reason: getattr(thrift.FinishReason, reason.name) for reason i
 MODEL_ERROR_MESSAGE = "the model produced invalid logits (NaN or all -inf) for this request"
 SAMPLING_FIELDS = ("temperature", "top_k", "top_p", "min_p", "repetition_penalty", "presence_penalty",
                    "frequency_penalty", "seed", "logit_bias")
-
-
-@dataclass
-class ServiceLimits:
-    """Per-request limits beyond the engine's (prompt length, max_tokens)."""
-
-    max_open_streams: int = 256
-    stream_idle_timeout_s: float = 60.0   # a stream nobody polls this long is cancelled
-    max_wait_ms: int = 30_000             # longest next_chunk long-poll
-    max_stop_strings: int = 16
-    max_stop_length: int = 256            # characters per stop string
-    max_logit_bias: int = 1024            # entries
-    max_messages: int = 512
-    max_deadline_ms: int = 24 * 3600 * 1000
-    max_request_id_length: int = 128      # ids end up in logs and metrics
 
 
 @dataclass

@@ -25,6 +25,9 @@ IDLE_S = 2.0
 FRAME_S = 2.0
 MAX_STREAMS = 3
 MAX_TOKENS = 300
+MAX_STOP_STRINGS = 4
+MAX_MESSAGES = 3
+MAX_TOP_LOGPROBS = 5
 
 
 @pytest.fixture(scope="module")
@@ -32,7 +35,9 @@ def server(tmp_path_factory):
     log = tmp_path_factory.mktemp("limits") / "worker.log"
     flags = ["--max-frame-bytes", str(MAX_FRAME), "--max-connections", str(MAX_CONNECTIONS),
              "--idle-timeout-s", str(IDLE_S), "--frame-timeout-s", str(FRAME_S),
-             "--max-open-streams", str(MAX_STREAMS), "--max-tokens-limit", str(MAX_TOKENS)]
+             "--max-open-streams", str(MAX_STREAMS), "--max-tokens-limit", str(MAX_TOKENS),
+             "--max-stop-strings", str(MAX_STOP_STRINGS), "--max-messages", str(MAX_MESSAGES),
+             "--max-top-logprobs", str(MAX_TOP_LOGPROBS)]
     with running_worker(tiny_model_folder(tmp_path_factory), log, *flags) as worker:
         yield worker
 
@@ -261,6 +266,20 @@ def test_bad_arguments_of_the_other_calls_are_invalid_requests(client):
     assert client.cancel(stream_id) is True   # MAX_TOKENS tokens take longer than these calls
     assert client.cancel("no-such-request") is False
     assert client.tokenize("x" * 60_000, False, False)   # big but within the frame limit
+
+
+def test_limits_set_by_flags_hold_at_their_edge(client):
+    """Limits below their defaults (16 stop strings, 512 messages, 20 alternatives): the flags reached the worker."""
+    user = thrift.ChatMessage(role="user", content="Hi")
+    at_the_limit = generate_request(stop=["zz"] * MAX_STOP_STRINGS, top_logprobs=MAX_TOP_LOGPROBS, max_tokens=2)
+    assert len(client.generate(at_the_limit).top_logprobs[0]) == MAX_TOP_LOGPROBS
+    assert client.generate(generate_request(prompt=None, messages=[user] * MAX_MESSAGES, max_tokens=2)).token_ids
+    for fields, field_name in [({"stop": ["zz"] * (MAX_STOP_STRINGS + 1)}, "stop"),
+                               ({"prompt": None, "messages": [user] * (MAX_MESSAGES + 1)}, "messages"),
+                               ({"top_logprobs": MAX_TOP_LOGPROBS + 1}, "top_logprobs")]:
+        with pytest.raises(thrift.InvalidRequest) as error:
+            client.generate(generate_request(**fields))
+        assert error.value.field == field_name
 
 
 def test_open_streams_past_the_limit_are_overloaded(client):
