@@ -130,15 +130,15 @@ class WorkerConfig:
 
     def values_for(self, settings: type) -> dict:
         """This config's values of the fields that the dataclass `settings` shares with it."""
-        # Shared fields only: a setting that is no flag (EngineConfig.offload, on its way out) keeps its default.
+        # Only the shared fields: a setting with no flag (EngineConfig.offload, on its way out) keeps its default.
         names = {item.name for item in dataclasses.fields(self)}
         return {item.name: getattr(self, item.name) for item in dataclasses.fields(settings) if item.name in names}
 
 
 def check_range(item: dataclasses.Field, value) -> None:
     """Raise ValueError naming the flag when `value` is outside the range in the field's metadata."""
-    if value is None or isinstance(value, bool) or not isinstance(value, (int, float)):
-        return
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        return   # None (unset), text and switches have no range
     flag, bounds = flag_name(item.name), item.metadata
     if isinstance(value, float) and not math.isfinite(value):
         raise ValueError(f"{flag} must be a finite number, got {value}")
