@@ -129,10 +129,8 @@ class WorkerConfig:
         return ServiceLimits(**self.values_for(ServiceLimits))
 
     def values_for(self, settings: type) -> dict:
-        """This config's values of the fields that the dataclass `settings` shares with it."""
-        # Only the shared fields: a setting with no flag (EngineConfig.offload, on its way out) keeps its default.
-        names = {item.name for item in dataclasses.fields(self)}
-        return {item.name: getattr(self, item.name) for item in dataclasses.fields(settings) if item.name in names}
+        """This config's values for each field of the dataclass `settings` (every one of them is a flag)."""
+        return {item.name: getattr(self, item.name) for item in dataclasses.fields(settings)}
 
 
 def check_range(item: dataclasses.Field, value) -> None:
