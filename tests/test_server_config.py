@@ -4,7 +4,10 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import json
 import math
+import subprocess
+import sys
 import typing
 
 import pytest
@@ -15,8 +18,7 @@ from ringlm.server.config import (ServiceLimits, WorkerConfig, add_arguments, co
                                   flag_type)
 from ringlm.server.engine.config import EngineConfig
 
-# `offload` is no operator's choice: a worker always runs the model off the gevent hub.
-ENGINE_SETTINGS = [item for item in dataclasses.fields(EngineConfig) if item.name != "offload"]
+ENGINE_SETTINGS = list(dataclasses.fields(EngineConfig))
 SERVICE_SETTINGS = list(dataclasses.fields(ServiceLimits))
 
 
@@ -145,3 +147,12 @@ def test_cluster_takes_a_count_and_a_base_port():
     for command in (["cluster", "--count", "0"], ["serve", "--workers", "0"], ["cluster", "--servers", "2"]):
         with pytest.raises(SystemExit):
             cli.build_parser().parse_args(command)
+
+
+def test_the_command_line_reads_the_flags_without_loading_the_model_side():
+    """Every `ringlm` command builds the serve and cluster parsers: that must not cost torch or the tokenizer."""
+    probe = ("import json, sys, ringlm.cli; ringlm.cli.build_parser(); print(json.dumps(sorted(m for m in sys.modules "
+             "if m.split('.')[0] in ('torch', 'numpy', 'gevent', 'regex') or m.startswith('ringlm.ext'))))")
+    loaded = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, timeout=60)
+    assert loaded.returncode == 0, loaded.stderr
+    assert json.loads(loaded.stdout) == []
