@@ -34,11 +34,11 @@ def wait_until_healthy(addresses: list[tuple[str, int]], timeout_s: float = READ
     return not waiting
 
 
-def cluster(config: WorkerConfig, servers: int) -> int:
-    """Run `servers` workers until SIGTERM/SIGINT; print their addresses once all are healthy."""
+def cluster(config: WorkerConfig, count: int) -> int:
+    """Run `count` workers until SIGTERM/SIGINT; print their addresses once all are healthy."""
     logging.basicConfig(level=logging.INFO, stream=sys.stderr,
                         format="%(asctime)s %(levelname)s %(name)s [cluster] %(message)s")
-    supervisor = Supervisor(config, servers)
+    supervisor = Supervisor(config, count)
     host = "127.0.0.1" if config.host in ("0.0.0.0", "") else config.host
     addresses = [(host, worker.config.port) for worker in supervisor.workers]
 
