@@ -70,6 +70,8 @@ class WorkerConfig:
                               at_least=1)
     max_top_logprobs: int = option(EngineConfig.max_top_logprobs, "the largest top_logprobs a request may ask for",
                                    at_least=0)
+    priority_aging_s: float = option(EngineConfig.priority_aging_s, "seconds a waiting request takes to move up "
+                                                                    "one priority (0: never)", at_least=0)
     prefix_cache: bool = option(EngineConfig.prefix_cache, "reuse the KV cache of earlier requests that share a "
                                                            "prompt's beginning")
 

@@ -63,8 +63,8 @@ def test_without_flags_the_built_configs_are_the_engine_and_service_defaults():
 EVERY_FIELD_SET = WorkerConfig(
     model="/models/tiny.gguf", host="0.0.0.0", port=9100, device="cuda:1", dtype="bfloat16", worker_index=3,
     torch_threads=2, num_slots=4, max_seq_len=512, max_batch_tokens=64, max_tokens_limit=100, max_waiting=7,
-    max_top_logprobs=3, prefix_cache=False, max_open_streams=5, stream_idle_timeout_s=2.5, max_wait_ms=1500,
-    max_stop_strings=0, max_stop_length=9, max_logit_bias=0, max_messages=3, max_deadline_ms=60_000,
+    max_top_logprobs=3, priority_aging_s=2.0, prefix_cache=False, max_open_streams=5, stream_idle_timeout_s=2.5,
+    max_wait_ms=1500, max_stop_strings=0, max_stop_length=9, max_logit_bias=0, max_messages=3, max_deadline_ms=60_000,
     max_request_id_length=16, max_connections=9, max_frame_bytes=4096, idle_timeout_s=0.1, frame_timeout_s=1e-3,
     drain_grace_s=0.0, metrics_port=9200, tls_cert="/tls/server.pem", tls_key="/tls/server.key",
     tls_ca="/tls/ca.pem", auth_token_file="-token file", debug_blocking_ms=12.5,
@@ -111,6 +111,7 @@ def test_every_numeric_field_has_a_range():
     ({"num_slots": 0}, "--num-slots"), ({"max_seq_len": 0}, "--max-seq-len"),
     ({"max_batch_tokens": 0}, "--max-batch-tokens"), ({"max_tokens_limit": 0}, "--max-tokens-limit"),
     ({"max_waiting": 0}, "--max-waiting"), ({"max_top_logprobs": -1}, "--max-top-logprobs"),
+    ({"priority_aging_s": -1.0}, "--priority-aging-s"),
     ({"max_open_streams": 0}, "--max-open-streams"), ({"stream_idle_timeout_s": 0.0}, "--stream-idle-timeout-s"),
     ({"stream_idle_timeout_s": math.nan}, "--stream-idle-timeout-s"), ({"max_wait_ms": 0}, "--max-wait-ms"),
     ({"max_stop_strings": -1}, "--max-stop-strings"), ({"max_stop_length": 0}, "--max-stop-length"),
