@@ -130,7 +130,7 @@ class Node:
     def note_status(self, status: thrift.ServerStatus) -> None:
         """Take in a status: draining, and the load beyond ours (the server counts our calls too, and
         ours are counted live, so a report never outlives the requests of ours it included)."""
-        self.draining = bool(status.draining)
+        self.draining = bool(status.draining) or status.ready is False   # not ready: no new work either
         self.others_load = max(0, status.running + sum((status.waiting or {}).values()) - self.in_flight)
 
     @property

@@ -154,6 +154,8 @@ struct ServerStatus {
   19: string dtype,
   20: double uptime_s,
   21: i64 pid,
+  22: bool ready,                // takes new work: engine loop running, no step stuck past the watchdog, not draining
+  23: string not_ready_reason,   // why not, when ready is false
 }
 
 /** A field of the request is wrong; message says how to fix it. */
@@ -230,8 +232,15 @@ service Generator {
 
   ServerStatus status() throws (5: Unauthorized unauthorized),
 
-  /** Cheap liveness check; answers without authentication. */
+  /** Liveness: true while the worker's engine loop runs; answers without authentication. */
   bool health(),
+
+  /**
+   * Readiness: true when the server takes new work (model loaded, engine loop running, no
+   * model step stuck longer than the server's step timeout, not draining); answers without
+   * authentication. Load balancers and the ring client route only to ready servers.
+   */
+  bool ready(),
 
   /** Present the shared token; the rest of this connection is then authorized. */
   void authenticate(1: string token) throws (5: Unauthorized unauthorized),

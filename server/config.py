@@ -35,6 +35,9 @@ class ServiceLimits:
     max_messages: int = 512
     max_deadline_ms: int = 24 * 3600 * 1000
     max_request_id_length: int = 128
+    max_stop_token_ids: int = 64
+    max_session_length: int = 256
+    step_timeout_s: float = 120.0
 
 
 def option(default, help: str, *, at_least: float | None = None, above: float | None = None,
@@ -90,6 +93,11 @@ class WorkerConfig:
                                   at_least=1)
     max_request_id_length: int = option(ServiceLimits.max_request_id_length, "characters in a request's own id "
                                         "(ids end up in logs and metrics)", at_least=1)
+    max_stop_token_ids: int = option(ServiceLimits.max_stop_token_ids, "stop token ids per request", at_least=0)
+    max_session_length: int = option(ServiceLimits.max_session_length, "characters in a request's session key",
+                                     at_least=1)
+    step_timeout_s: float = option(ServiceLimits.step_timeout_s, "a model step running longer than this makes "
+                                   "the worker not ready (the watchdog) until it returns", above=0)
 
     # connections, drain and the rest of the worker
     max_connections: int = option(1024, "open connections; one more is closed at once", at_least=1)

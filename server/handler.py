@@ -22,6 +22,7 @@ from ringlm.ext.sampling import SamplingParams
 from ringlm.ext.tokenizer import Tokenizer
 from ringlm.idl import ringlm_thrift as thrift
 from ringlm.server.config import ServiceLimits
+from ringlm.server.engine_loop import EngineLoop
 from ringlm.server.engine import (Engine, FinishReason, GenerationRequest, GenerationResult, InvalidRequest,
                                   Overloaded, Priority, RequestHandle)
 
@@ -46,9 +47,10 @@ class OpenStream:
 class Service:
     """Everything the connections of one worker share."""
 
-    def __init__(self, engine: Engine, tokenizer: Tokenizer, server_name: str, model_name: str,
+    def __init__(self, engine_loop: EngineLoop, tokenizer: Tokenizer, server_name: str, model_name: str,
                  limits: ServiceLimits | None = None, auth_token: str | None = None, metrics=None):
-        self.engine = engine
+        self.engine_loop = engine_loop
+        self.engine: Engine = engine_loop.engine
         self.tokenizer = tokenizer
         self.server_name = server_name
         self.model_name = model_name
@@ -75,17 +77,31 @@ class Service:
                 self.streams.pop(stream_id, None)
                 stream.owner.opened_streams.discard(stream_id)
 
+    def not_ready_because(self) -> str | None:
+        """Why this worker should get no new work now, or None when it is ready (readiness: the model is
+        loaded, since the Service exists; the engine loop runs and is not stuck in a step; not draining)."""
+        if self.draining:
+            return "draining"
+        if not self.engine_loop.running:
+            return "the engine loop is not running"
+        stuck = self.engine_loop.stuck_for(time.monotonic())
+        if stuck > self.limits.step_timeout_s:
+            return f"a model step has run for {stuck:.0f} s (the watchdog's limit is {self.limits.step_timeout_s:g} s)"
+        return None
+
     def stats(self) -> dict:
-        """The engine's stats plus this worker's streams, connections and draining flag."""
+        """The engine's stats plus this worker's streams, connections, draining and readiness."""
         return {**self.engine.stats(), "open_streams": len(self.streams), "connections": self.connections,
-                "draining": self.draining}
+                "draining": self.draining, "ready": self.not_ready_because() is None}
 
     def status(self) -> thrift.ServerStatus:
         stats = self.engine.stats()
         waiting = stats["waiting"]
         slots = stats["slots"]
+        not_ready = self.not_ready_because()
         return thrift.ServerStatus(
             server=self.server_name, model=self.model_name, draining=self.draining,
+            ready=not_ready is None, not_ready_reason=not_ready or "",
             running=stats["running"], waiting=waiting, slots=slots, slots_busy=stats["slots_busy"],
             load=(stats["running"] + sum(waiting.values())) / max(slots, 1),
             prefix_cache_lookups=stats["prefix_cache_lookups"], prefix_cache_hits=stats["prefix_cache_hits"],
@@ -134,7 +150,12 @@ class ConnectionHandler:
             raise thrift.Unauthorized(message="this server requires authenticate(token) first on each connection")
 
     def health(self) -> bool:
-        return True
+        """Liveness: the process answers and its engine loop runs (a dead loop also exits the worker)."""
+        return self.service.engine_loop.running
+
+    def ready(self) -> bool:
+        """Readiness: whether to send this worker new work (see Service.not_ready_because)."""
+        return self.service.not_ready_because() is None
 
     # -- generation
 
@@ -261,6 +282,10 @@ class ConnectionHandler:
         limits = self.service.limits
         if request.request_id is not None and not 0 < len(request.request_id) <= limits.max_request_id_length:
             raise invalid("request_id", f"must be 1..{limits.max_request_id_length} characters")
+        if request.session is not None and len(request.session) > limits.max_session_length:
+            raise invalid("session", f"at most {limits.max_session_length} characters")
+        if len(request.stop_token_ids or ()) > limits.max_stop_token_ids:
+            raise invalid("stop_token_ids", f"at most {limits.max_stop_token_ids} stop token ids")
         stop = list(request.stop or [])
         if len(stop) > limits.max_stop_strings or any(len(s) > limits.max_stop_length for s in stop):
             raise invalid("stop", f"at most {limits.max_stop_strings} stop strings of at most "

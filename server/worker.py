@@ -294,7 +294,7 @@ def build_service(config: WorkerConfig) -> Service:
     import torch
 
     from ringlm.ext.tokenizer import Tokenizer
-    from ringlm.server.engine_loop import gevent_engine
+    from ringlm.server.engine_loop import EngineLoop, gevent_engine
     from ringlm.server.model import apply_torch_threads, load_model
 
     apply_torch_threads(config.torch_threads)   # before the model: torch reads it when it first runs
@@ -303,8 +303,8 @@ def build_service(config: WorkerConfig) -> Service:
         device = f"cuda:{config.worker_index % torch.cuda.device_count()}"
     model = load_model(config.model, device=device, dtype=config.dtype)
     tokenizer = Tokenizer.from_model(config.model)
-    engine = gevent_engine(model, tokenizer, config.engine_config())
-    return Service(engine, tokenizer, server_name=config.address, model_name=str(config.model),
+    engine_loop = EngineLoop(gevent_engine(model, tokenizer, config.engine_config()))
+    return Service(engine_loop, tokenizer, server_name=config.address, model_name=str(config.model),
                    limits=config.service_limits(), auth_token=read_token_file(config.auth_token_file))
 
 
@@ -321,11 +321,9 @@ def run(config: WorkerConfig) -> int:
         from ringlm.server.metrics import Metrics
         service.metrics = Metrics(service.stats)
         service.metrics.serve(config.host, config.metrics_port)
-    from ringlm.server.engine_loop import EngineLoop
-    engine_loop = EngineLoop(service.engine)
-    engine_loop.start().link_exception(worker.engine_died)
+    service.engine_loop.start().link_exception(worker.engine_died)
     code = worker.serve_forever()
-    engine_loop.stop()
+    service.engine_loop.stop()
     log.info("stopped (exit code %d)", code)
     return code
 

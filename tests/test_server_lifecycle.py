@@ -51,10 +51,14 @@ def test_sigterm_drains_finishes_running_work_refuses_new_work_and_exits_0(model
         thread.start()
         client = connect(worker.port)
         wait_until(lambda: client.status().running == 1, what="the generation to start")
+        assert client.ready() is True and client.status().ready is True
         stream_id = client.open_stream(long_request())
         worker.process.send_signal(signal.SIGTERM)
 
         assert wait_until(lambda: client.status().draining, what="status to report draining")
+        status = client.status()
+        assert (status.ready, status.not_ready_reason) == (False, "draining")
+        assert client.ready() is False and client.health() is True   # alive, but takes nothing new
         for call in (client.generate, client.open_stream):
             with pytest.raises(thrift.Overloaded) as error:
                 call(long_request())

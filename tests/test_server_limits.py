@@ -28,6 +28,8 @@ MAX_TOKENS = 300
 MAX_STOP_STRINGS = 4
 MAX_MESSAGES = 3
 MAX_TOP_LOGPROBS = 5
+MAX_STOP_TOKEN_IDS = 3
+MAX_SESSION = 12
 
 
 @pytest.fixture(scope="module")
@@ -37,7 +39,8 @@ def server(tmp_path_factory):
              "--idle-timeout-s", str(IDLE_S), "--frame-timeout-s", str(FRAME_S),
              "--max-open-streams", str(MAX_STREAMS), "--max-tokens-limit", str(MAX_TOKENS),
              "--max-stop-strings", str(MAX_STOP_STRINGS), "--max-messages", str(MAX_MESSAGES),
-             "--max-top-logprobs", str(MAX_TOP_LOGPROBS)]
+             "--max-top-logprobs", str(MAX_TOP_LOGPROBS), "--max-stop-token-ids", str(MAX_STOP_TOKEN_IDS),
+             "--max-session-length", str(MAX_SESSION)]
     with running_worker(tiny_model_folder(tmp_path_factory), log, *flags) as worker:
         yield worker
 
@@ -269,14 +272,18 @@ def test_bad_arguments_of_the_other_calls_are_invalid_requests(client):
 
 
 def test_limits_set_by_flags_hold_at_their_edge(client):
-    """Limits below their defaults (16 stop strings, 512 messages, 20 alternatives): the flags reached the worker."""
+    """Limits below their defaults (16 stop strings, 512 messages, 20 alternatives, 64 stop token ids, 256-character
+    sessions): the flags reached the worker."""
     user = thrift.ChatMessage(role="user", content="Hi")
-    at_the_limit = generate_request(stop=["zz"] * MAX_STOP_STRINGS, top_logprobs=MAX_TOP_LOGPROBS, max_tokens=2)
+    at_the_limit = generate_request(stop=["zz"] * MAX_STOP_STRINGS, top_logprobs=MAX_TOP_LOGPROBS, max_tokens=2,
+                                    stop_token_ids=[120] * MAX_STOP_TOKEN_IDS, session="s" * MAX_SESSION)
     assert len(client.generate(at_the_limit).top_logprobs[0]) == MAX_TOP_LOGPROBS
     assert client.generate(generate_request(prompt=None, messages=[user] * MAX_MESSAGES, max_tokens=2)).token_ids
     for fields, field_name in [({"stop": ["zz"] * (MAX_STOP_STRINGS + 1)}, "stop"),
                                ({"prompt": None, "messages": [user] * (MAX_MESSAGES + 1)}, "messages"),
-                               ({"top_logprobs": MAX_TOP_LOGPROBS + 1}, "top_logprobs")]:
+                               ({"top_logprobs": MAX_TOP_LOGPROBS + 1}, "top_logprobs"),
+                               ({"stop_token_ids": [120] * (MAX_STOP_TOKEN_IDS + 1)}, "stop_token_ids"),
+                               ({"session": "s" * (MAX_SESSION + 1)}, "session")]:
         with pytest.raises(thrift.InvalidRequest) as error:
             client.generate(generate_request(**fields))
         assert error.value.field == field_name
