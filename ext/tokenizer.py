@@ -163,7 +163,7 @@ class Tokenizer:
     @classmethod
     def from_model(cls, name: str | os.PathLike = "default") -> Tokenizer:
         """Load the tokenizer of a `--model` value: "default", a .gguf file or a HF folder."""
-        from ringlm.models import resolve_model_path
+        from ringlm.ext.model_files import resolve_model_path
         path = resolve_model_path(name)
         return cls.from_pretrained(path) if path.is_dir() else cls.from_gguf(path)
 

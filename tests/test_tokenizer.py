@@ -12,8 +12,8 @@ from hypothesis import strategies as st
 
 from corpus import HANDMADE_UNICODE, corpus, size_in_bytes
 from ringlm.ext import _bpe
+from ringlm.ext.model_files import default_model_path
 from ringlm.ext.tokenizer import (Tokenizer, TokenizerLoadError, TokenizerSpec, bytes_to_unicode)
-from ringlm.models import default_model_path
 from tokenizer_oracle import hf_pre_tokenizer, hf_tokenizer
 
 RULES = {"gpt2": _bpe.SPLIT_GPT2, "smollm": _bpe.SPLIT_SMOLLM,
