@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import importlib
+import importlib.util
 import json
 import pkgutil
 import subprocess
@@ -18,11 +19,16 @@ ROOT = Path(__file__).resolve().parent.parent
 
 
 def test_every_module_imports_through_ringlm():
-    names = [m.name for m in pkgutil.walk_packages(ringlm.__path__, "ringlm.")
-             if not m.name.startswith(("ringlm.tests", "ringlm.benchmarks", "ringlm.setup"))]
+    names = [m.name for m in pkgutil.walk_packages(ringlm.__path__, "ringlm.")]
     assert {"ringlm.ext.tokenizer", "ringlm.ext._bpe", "ringlm.cli", "ringlm.ext.model_files"} <= set(names)
     for name in names:
         importlib.import_module(name)
+
+
+def test_only_the_wheels_modules_are_importable():
+    # The development install links the wheel's files only (Makefile: strict editable mode).
+    for name in ("ringlm.tests", "ringlm.benchmarks", "ringlm.setup"):
+        assert importlib.util.find_spec(name) is None, name
 
 
 def test_no_generic_top_level_names_are_installed():
