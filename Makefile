@@ -10,7 +10,7 @@ PYX := $(wildcard ext/*.pyx ext/*.pxd ext/*.h)
 PACKAGE_FILES = $(sort $(wildcard *.py) $(shell find idl ext server client \
 	-name '*.py' -o -name '*.pyx' -o -name '*.pxd' -o -name '*.h' -o -name '*.thrift'))
 
-.PHONY: install build demo test bench clean thrift-compiler zookeeper clients FORCE
+.PHONY: install build demo test bench clean wheel-check thrift-compiler zookeeper clients FORCE
 
 install: $(VENV)/.installed
 
@@ -54,6 +54,10 @@ test: install thrift-compiler zookeeper
 
 bench: install
 	$(PY) benchmarks/run_all.py
+
+# Builds the wheel, installs it into fresh venvs (everything; the client alone) and imports every module there.
+wheel-check: install
+	scripts/check_wheel.sh
 
 # build/ holds the development install's links: removing it calls for a re-install.
 clean:

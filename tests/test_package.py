@@ -1,11 +1,13 @@
-"""The package mapping, the default model's location, and the `ringlm` command as a real process."""
+"""The package mapping, the wheel check, the default model's location, and the `ringlm` command as a real process."""
 
 from __future__ import annotations
 
 import importlib
 import importlib.util
 import json
+import os
 import pkgutil
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -29,6 +31,23 @@ def test_only_the_wheels_modules_are_importable():
     # The development install links the wheel's files only (Makefile: strict editable mode).
     for name in ("ringlm.tests", "ringlm.benchmarks", "ringlm.setup"):
         assert importlib.util.find_spec(name) is None, name
+
+
+def test_the_wheel_check_names_what_an_installation_lacks_or_adds(tmp_path):
+    # scripts/import_modules.py is what check_wheel.sh runs in the venvs holding the wheel; here, on a copy
+    # of the installed package without ringlm.server.engine and with a module the source tree lacks.
+    shutil.copytree(Path(ringlm.__file__).parent, tmp_path / "ringlm",
+                    ignore=lambda folder, names: ["engine"] if Path(folder).name == "server" else [])
+    (tmp_path / "ringlm" / "client" / "stale.py").write_text("")
+    result = subprocess.run([sys.executable, ROOT / "scripts" / "import_modules.py", ROOT], cwd=tmp_path,
+                            env={**os.environ, "PYTHONPATH": str(tmp_path)}, capture_output=True, text=True,
+                            timeout=300)
+    assert result.returncode == 1
+    failed = {line.split()[1].rstrip(":") for line in result.stderr.splitlines() if line.startswith("FAILED ")}
+    engine = {f"ringlm.server.engine.{path.stem}".removesuffix(".__init__")
+              for path in (ROOT / "server" / "engine").glob("*.py")}
+    assert engine <= failed and "ringlm.client.stale" in failed
+    assert all(name.startswith("ringlm.server.") for name in failed - {"ringlm.client.stale"}), failed
 
 
 def test_no_generic_top_level_names_are_installed():
