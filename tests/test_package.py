@@ -33,6 +33,27 @@ def test_only_the_wheels_modules_are_importable():
         assert importlib.util.find_spec(name) is None, name
 
 
+def test_the_client_and_the_command_line_import_no_torch_gguf_or_matplotlib():
+    # ringlm[client] installs none of them (the wheel check proves it in a venv); this finds an eager import sooner.
+    code = """if True:
+        import importlib, pkgutil, sys
+
+        class Blocked:
+            def find_spec(self, name, path=None, target=None):
+                if name.partition(".")[0] in ("torch", "gguf", "matplotlib"):
+                    raise ImportError(f"{name} imported")
+
+        sys.meta_path.insert(0, Blocked())
+        import ringlm.client
+        for module in pkgutil.iter_modules(ringlm.client.__path__, "ringlm.client."):
+            importlib.import_module(module.name)
+        from ringlm.cli import build_parser
+        build_parser()   # what `ringlm --help` runs
+    """
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
+    assert result.returncode == 0, result.stderr
+
+
 def test_the_wheel_check_names_what_an_installation_lacks_or_adds(tmp_path):
     # scripts/import_modules.py is what check_wheel.sh runs in the venvs holding the wheel; here, on a copy
     # of the installed package without ringlm.server.engine and with a module the source tree lacks.
