@@ -21,7 +21,7 @@ CHAT = ["What is the capital of France?", "And what river runs through it?"]
 
 def show_tokenizer(model: str) -> bool:
     from ringlm.ext.tokenizer import Tokenizer
-    from ringlm.models import resolve_model_path
+    from ringlm.ext.model_files import resolve_model_path
 
     tokenizer = Tokenizer.from_model(model)
     print(f"model      {resolve_model_path(model)}")

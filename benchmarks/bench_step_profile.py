@@ -21,7 +21,7 @@ from torch.profiler import ProfilerActivity, profile
 
 from ringlm.ext.sampling import SamplingParams
 from ringlm.ext.tokenizer import Tokenizer
-from ringlm.models import default_model_path
+from ringlm.ext.model_files import default_model_path
 from ringlm.server.engine import Engine, EngineConfig, GenerationRequest
 from ringlm.server.model.threads import apply_torch_threads
 from ringlm.server.model.weights import load_model

@@ -30,7 +30,7 @@ POLL_S = 0.1
 def write_tiny_model(folder: Path) -> Path:
     """A Hugging Face folder: a two-layer random model with SmolLM2's real tokenizer and chat template."""
     from ringlm.ext.tokenizer import Tokenizer
-    from ringlm.models import default_model_path
+    from ringlm.ext.model_files import default_model_path
     from ringlm.server.model import ModelConfig, random_weights
     from ringlm.server.model.weights import save_hf
     from tests.tokenizer_oracle import hf_tokenizer

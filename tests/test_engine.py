@@ -15,7 +15,7 @@ import torch
 
 from ringlm.ext.sampling import SamplingParams
 from ringlm.ext.tokenizer import Tokenizer
-from ringlm.models import default_model_path
+from ringlm.ext.model_files import default_model_path
 from ringlm.server.engine import (Engine, EngineConfig, FinishReason, GenerationRequest, InvalidRequest,
                                   Overloaded, Priority)
 from ringlm.server.engine_loop import EngineLoop, gevent_engine

@@ -8,7 +8,7 @@ import gevent
 import pytest
 
 from ringlm.ext.tokenizer import Tokenizer
-from ringlm.models import default_model_path
+from ringlm.ext.model_files import default_model_path
 from ringlm.server.config import ServiceLimits
 from ringlm.server.engine import EngineConfig, GenerationRequest
 from ringlm.server.engine_loop import EngineLoop, gevent_engine
