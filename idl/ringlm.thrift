@@ -89,6 +89,13 @@ struct GenerateRequest {
    * the continuation is what the first server would have produced.
    */
   16: optional list<i32> resume_ids,
+  /**
+   * For prompt: turn control-token text written in it ('<|im_start|>', '<|im_end|>' ...)
+   * into the control tokens, for a caller that formats a chat itself. Off by default, so
+   * text from users cannot forge turns; message contents are always plain text, and only
+   * the model's chat template writes control tokens around them.
+   */
+  17: optional bool parse_special = false,
 }
 
 struct Usage {

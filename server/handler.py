@@ -318,20 +318,25 @@ class ConnectionHandler:
         tokenizer = self.service.tokenizer
         try:
             if request.prompt is not None:
-                return tokenizer.encode(request.prompt, add_special_tokens=True)
-            if request.messages is not None:
-                rendered = self._render(request.messages, request.add_generation_prompt is not False)
-                return tokenizer.encode(rendered)
+                return tokenizer.encode(request.prompt, add_special_tokens=True,
+                                        parse_special=bool(request.parse_special))
         except ValueError as error:
             raise invalid(given[0], str(error)) from None
+        if request.messages is not None:
+            return self._with_template(tokenizer.encode_chat, request.messages,
+                                       request.add_generation_prompt is not False)
         return list(request.prompt_ids)
 
     def _render(self, messages: list, add_generation_prompt: bool) -> str:
+        return self._with_template(self.service.tokenizer.apply_chat_template, messages, add_generation_prompt)
+
+    def _with_template(self, apply, messages: list, add_generation_prompt: bool):
+        """apply(messages as dicts, add_generation_prompt) with the template's failures as InvalidRequest."""
         if not messages or len(messages) > self.service.limits.max_messages:
             raise invalid("messages", f"give 1..{self.service.limits.max_messages} messages")
         plain = [{"role": m.role, "content": m.content} for m in messages if m is not None]
         try:
-            return self.service.tokenizer.apply_chat_template(plain, add_generation_prompt=add_generation_prompt)
+            return apply(plain, add_generation_prompt)
         except ValueError as error:
             raise invalid("messages", str(error)) from None
         except Exception as error:   # a template's raise_exception() or a rendering fault
