@@ -271,7 +271,8 @@ def test_the_probe_finds_no_server_at_a_closed_port_or_a_silent_one():
 
 def test_a_thrift_struct_reads_as_a_dict_of_its_fields_and_copies_with_changes():
     fields = to_dict(thrift.ServerStatus(server="h:1", running=2, waiting={"NORMAL": 1}))
-    assert list(fields)[:5] == ["server", "model", "draining", "running", "waiting"] and len(fields) == 21
+    assert list(fields)[:5] == ["server", "model", "draining", "running", "waiting"]
+    assert len(fields) == len(thrift.ServerStatus.thrift_spec) > 20
     assert (fields["server"], fields["running"], fields["waiting"], fields["model"]) == ("h:1", 2, {"NORMAL": 1}, None)
     request = thrift.GenerateRequest(prompt="hi", sampling=thrift.SamplingOptions(seed=7), max_tokens=5)
     resumed = copy_struct(request, prompt=None, prompt_ids=[1, 2])
