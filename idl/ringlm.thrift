@@ -217,12 +217,15 @@ service Generator {
   /**
    * Long-poll a stream: returns as soon as there is something new, or after wait_ms
    * with nothing new. The last chunk has done = true and the whole result, whose
-   * finish_reason says how it ended (DEADLINE, CANCELLED and ERROR included). A stream
+   * finish_reason says how it ended (DEADLINE, CANCELLED and ERROR included), except that a
+   * draining server that sends the request away raises Overloaded(draining=true): the client
+   * resumes it elsewhere from the tokens it received. A stream
    * not polled for the server's stream idle timeout is cancelled; so are the streams
    * of a connection that closes.
    */
   StreamChunk next_chunk(1: string stream_id, 2: i32 wait_ms)
-      throws (1: InvalidRequest invalid, 5: Unauthorized unauthorized, 6: ModelError model_error),
+      throws (1: InvalidRequest invalid, 2: Overloaded overloaded, 5: Unauthorized unauthorized,
+              6: ModelError model_error),
 
   /** End a request at the next step, from any connection that knows its id; false if the server does not know it. */
   bool cancel(1: string request_id) throws (5: Unauthorized unauthorized),

@@ -29,8 +29,11 @@ from ringlm.server.engine import (Engine, FinishReason, GenerationRequest, Gener
 log = logging.getLogger(__name__)
 request_log = logging.getLogger("ringlm.requests")
 
-# The IDL's FinishReason names the engine's reasons one for one.
-FINISH_REASONS = {reason: getattr(thrift.FinishReason, reason.name) for reason in FinishReason}
+# The IDL's FinishReason names the engine's reasons one for one, but for SENT_AWAY, which never
+# reaches a result: it is answered as Overloaded(draining), so the client runs the request elsewhere.
+FINISH_REASONS = {reason: getattr(thrift.FinishReason, reason.name) for reason in FinishReason
+                  if reason != FinishReason.SENT_AWAY}
+SENT_AWAY_MESSAGE = "the server is draining and sent this request away; run it elsewhere"
 MODEL_ERROR_MESSAGE = "the model produced invalid logits (NaN or all -inf) for this request"
 SAMPLING_FIELDS = ("temperature", "top_k", "top_p", "min_p", "repetition_penalty", "presence_penalty",
                    "frequency_penalty", "seed", "logit_bias")
@@ -169,6 +172,8 @@ class ConnectionHandler:
             if watcher is not None:
                 watcher.kill(block=False)
         self._log(result)
+        if result.finish_reason == FinishReason.SENT_AWAY:
+            raise thrift.Overloaded(message=SENT_AWAY_MESSAGE, retry_after_ms=0, draining=True)
         if result.finish_reason == FinishReason.ERROR:
             raise thrift.ModelError(message=MODEL_ERROR_MESSAGE)
         thrift_result = self._to_thrift(result, request.logprobs or bool(request.top_logprobs))
@@ -189,7 +194,8 @@ class ConnectionHandler:
         limit = self.service.limits.max_open_streams
         if len(self.service.streams) >= limit:
             raise thrift.Overloaded(message=f"{limit} streams are open, the server's limit",
-                                    retry_after_ms=1000, draining=self.service.draining)
+                                    retry_after_ms=self.service.engine.scheduler.retry_after_ms(),
+                                    draining=self.service.draining)
         if request is not None and request.request_id in self.service.streams:
             # A finished stream whose last chunk nobody read yet keeps its id until it is read.
             raise invalid("request_id", f"'{request.request_id}' names a stream that is still open")
@@ -216,6 +222,9 @@ class ConnectionHandler:
             stream.owner.opened_streams.discard(stream_id)
             result = stream.handle.result()
             self._log(result)
+            if result.finish_reason == FinishReason.SENT_AWAY:
+                # What came since the last poll is dropped: the client resumes elsewhere from what it has.
+                raise thrift.Overloaded(message=SENT_AWAY_MESSAGE, retry_after_ms=0, draining=True)
             chunk.done, chunk.result = True, self._to_thrift(result, stream.logprobs)
         stream.last_polled = time.monotonic()
         return chunk

@@ -50,6 +50,7 @@ RECV_BYTES = 65536
 PEER_RECHECK_S = 0.25      # how often a call with unread bytes behind it rechecks for a hang-up
 REAP_INTERVAL_S = 1.0
 DRAIN_POLL_S = 0.05
+DRAIN_ANSWER_S = 5.0       # after the grace, how long sent-away callers have to collect their answer
 
 
 class FrameError(Exception):
@@ -251,8 +252,9 @@ class Worker:
         """Stop accepting, refuse new work, let running work finish (up to the grace period), then stop."""
         if self.service.draining:
             return
-        log.info("draining: finishing %d requests within %g s", len(self.service.engine.in_flight),
-                 self.config.drain_grace_s)
+        sent_away = self.service.engine.send_away()   # queued work goes elsewhere now, not after the grace
+        log.info("draining: finishing %d requests within %g s, %d queued ones sent away",
+                 len(self.service.engine.in_flight) - sent_away, self.config.drain_grace_s, sent_away)
         self.service.draining = True
         self.server.close()
         self.leaving = gevent.spawn(self.deregister)   # clients stop sending here now, not at exit
@@ -262,13 +264,19 @@ class Worker:
         return bool(self.service.engine.in_flight or self.service.streams or self.calls_in_progress)
 
     def _finish_drain(self) -> None:
-        deadline = time.monotonic() + self.config.drain_grace_s
+        self._wait_while_busy(self.config.drain_grace_s)
+        if self.busy():
+            # Running work past the grace is sent away too: each caller gets Overloaded(draining) and
+            # runs it elsewhere (a stream resumes from its tokens), rather than a closed connection.
+            log.warning("drain grace period over with work left: %d requests sent away, %d calls",
+                        self.service.engine.send_away(running=True), self.calls_in_progress)
+            self._wait_while_busy(DRAIN_ANSWER_S)
+        self.stopped.set()
+
+    def _wait_while_busy(self, seconds: float) -> None:
+        deadline = time.monotonic() + seconds
         while self.busy() and time.monotonic() < deadline:
             gevent.sleep(DRAIN_POLL_S)
-        if self.busy():
-            log.warning("drain grace period over with work left: %d requests, %d calls",
-                        len(self.service.engine.in_flight), self.calls_in_progress)
-        self.stopped.set()
 
     def engine_died(self, loop: gevent.Greenlet) -> None:
         """Without its engine loop a worker can only hang its callers: exit so the supervisor restarts it."""

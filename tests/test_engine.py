@@ -356,3 +356,19 @@ def test_resumed_tokens_are_prefilled_in_chunks_not_one_per_step(model, tokenize
     assert first.token_ids == whole.token_ids[150:151]
     engine.run_until_idle()
     assert handle.result().token_ids == whole.token_ids[150:]
+
+
+def test_send_away_ends_queued_requests_and_then_running_ones(model, tokenizer):
+    engine = make_engine(model, tokenizer, num_slots=1)
+    running = engine.submit(request(tokenizer, "running", "a", max_tokens=50))
+    queued = engine.submit(request(tokenizer, "queued", "b", max_tokens=50))
+    engine.step()
+    assert engine.send_away() == 1   # only the queued one
+    engine.step()
+    assert queued.finished and queued.result().finish_reason == FinishReason.SENT_AWAY
+    assert queued.result().token_ids == [] and not running.finished
+    assert engine.send_away(running=True) == 1
+    engine.run_until_idle()
+    result = running.result()
+    assert result.finish_reason == FinishReason.SENT_AWAY and 0 < len(result.token_ids) < 50
+    assert engine.stats()["slots_busy"] == 0

@@ -27,7 +27,7 @@ def model_dir(tmp_path_factory):
 
 
 def long_request(**fields) -> thrift.GenerateRequest:
-    return thrift.GenerateRequest(prompt="Once upon a time", max_tokens=LONG, ignore_eos=True, **fields)
+    return thrift.GenerateRequest(**{"prompt": "Once upon a time", "max_tokens": LONG, "ignore_eos": True, **fields})
 
 
 def run_cli(*args: str, timeout_s: float = 60) -> subprocess.CompletedProcess:
@@ -53,6 +53,7 @@ def test_sigterm_drains_finishes_running_work_refuses_new_work_and_exits_0(model
         wait_until(lambda: client.status().running == 1, what="the generation to start")
         assert client.ready() is True and client.status().ready is True
         stream_id = client.open_stream(long_request())
+        wait_until(lambda: client.status().running == 2, what="the stream to run (queued ones are sent away)")
         worker.process.send_signal(signal.SIGTERM)
 
         assert wait_until(lambda: client.status().draining, what="status to report draining")
@@ -75,6 +76,64 @@ def test_sigterm_drains_finishes_running_work_refuses_new_work_and_exits_0(model
         client.close()
         assert worker.process.wait(timeout=60) == 0
         assert "draining" in worker.log()
+    finally:
+        worker.stop()
+
+
+def generate_in_thread(port: int, request: thrift.GenerateRequest, outcome: dict, key: str) -> threading.Thread:
+    """Run generate on its own connection in a thread; its result or typed error lands in outcome[key]."""
+    def run():
+        own = connect(port)
+        try:
+            outcome[key] = own.generate(request)
+        except thrift.Overloaded as error:
+            outcome[key] = error
+        finally:
+            own.close()
+
+    thread = threading.Thread(target=run)
+    thread.start()
+    return thread
+
+
+def test_sigterm_sends_queued_requests_away_at_once_with_a_typed_answer(model_dir, tmp_path):
+    worker = WorkerProcess(model_dir, tmp_path / "worker.log", "--num-slots", "1", "--drain-grace-s", "60").wait_ready()
+    try:
+        client, outcome = connect(worker.port), {}
+        running = generate_in_thread(worker.port, long_request(), outcome, "running")
+        wait_until(lambda: client.status().running == 1, what="the first generation to start")
+        queued = generate_in_thread(worker.port, long_request(), outcome, "queued")
+        wait_until(lambda: client.status().waiting["NORMAL"] == 1, what="the second one to queue")
+        worker.process.send_signal(signal.SIGTERM)
+        queued.join(timeout=60)
+        assert isinstance(outcome["queued"], thrift.Overloaded) and outcome["queued"].draining is True
+        running.join(timeout=120)
+        assert outcome["running"].finish_reason == thrift.FinishReason.LENGTH   # the grace let it finish
+        client.close()
+        assert worker.process.wait(timeout=60) == 0
+    finally:
+        worker.stop()
+
+
+def test_work_still_running_when_the_grace_ends_is_sent_away_not_dropped(model_dir, tmp_path):
+    worker = WorkerProcess(model_dir, tmp_path / "worker.log", "--drain-grace-s", "0").wait_ready()
+    try:
+        client, outcome = connect(worker.port), {}
+        running = generate_in_thread(worker.port, long_request(max_tokens=480), outcome, "generate")
+        streamer = connect(worker.port)
+        stream_id = streamer.open_stream(long_request(max_tokens=480))
+        assert streamer.next_chunk(stream_id, 5000).token_ids
+        wait_until(lambda: client.status().running == 2, what="both to run")
+        worker.process.send_signal(signal.SIGTERM)
+        running.join(timeout=60)
+        assert isinstance(outcome["generate"], thrift.Overloaded) and outcome["generate"].draining is True
+        with pytest.raises(thrift.Overloaded) as error:
+            while not streamer.next_chunk(stream_id, 5000).done:
+                pass
+        assert error.value.draining is True
+        for connection in (client, streamer):
+            connection.close()
+        assert worker.process.wait(timeout=60) == 0
     finally:
         worker.stop()
 
