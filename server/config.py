@@ -104,7 +104,10 @@ class WorkerConfig:
     max_frame_bytes: int = option(1 << 20, "largest framed message; a longer length header closes the connection",
                                   at_least=1)
     idle_timeout_s: float = option(300.0, "seconds a connection may stay silent between calls", above=0)
-    frame_timeout_s: float = option(10.0, "seconds a frame (and a TLS handshake) may take to arrive once started",
+    auth_timeout_s: float = option(10.0, "with --auth-token-file: seconds a connection may stay unauthenticated "
+                                         "(health calls do not extend it)", above=0)
+    frame_timeout_s: float = option(10.0, "seconds a frame (and a TLS handshake) may take to arrive once started, "
+                                          "and a reply to be taken by the client",
                                     above=0)
     drain_grace_s: float = option(30.0, "seconds SIGTERM waits for running work before exiting", at_least=0)
     metrics_port: int | None = option(None, "serve Prometheus metrics on this port (with --workers N: the first "

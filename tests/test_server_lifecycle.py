@@ -11,6 +11,7 @@ import subprocess
 import sys
 import threading
 import urllib.request
+from pathlib import Path
 
 import pytest
 
@@ -314,3 +315,55 @@ def test_status_command_speaks_tls_and_auth(secure_server, certificates):
     refused = run_cli("status", "--servers", address, *tls)
     assert refused.returncode == 1
     assert "Unauthorized" in json.loads(refused.stdout)["error"]
+
+
+# -- connections: unauthenticated time, open files, keepalive
+
+def test_an_unauthenticated_connection_is_closed_after_the_auth_timeout_even_if_it_calls_health(model_dir, tmp_path):
+    token_file = tmp_path / "token"
+    token_file.write_text("t0ken\n")
+    flags = ["--auth-token-file", str(token_file), "--auth-timeout-s", "1"]
+    with running_worker(model_dir, tmp_path / "worker.log", *flags) as worker:
+        idle, authenticated = connect(worker.port), connect(worker.port)
+        authenticated.authenticate("t0ken")
+
+        def still_answers() -> bool:
+            try:
+                return idle.health()
+            except Exception:   # closed by the server: the auth timeout
+                return False
+
+        wait_until(lambda: not still_answers(), timeout_s=30, what="the unauthenticated connection to close")
+        assert authenticated.health() and authenticated.status().connections >= 1   # authenticated: kept
+        authenticated.close()
+
+
+def test_the_worker_raises_its_open_file_limit_for_its_connections(model_dir, tmp_path):
+    worker = WorkerProcess(model_dir, tmp_path / "worker.log", "--max-connections", "2000",
+                           soft_open_files=512).wait_ready()
+    try:
+        limits = Path(f"/proc/{worker.process.pid}/limits").read_text()
+        soft = int(next(line for line in limits.splitlines() if line.startswith("Max open files")).split()[3])
+        assert soft >= 2000
+    finally:
+        worker.stop()
+
+
+def test_more_connections_than_the_hard_file_limit_allows_is_refused_at_start(model_dir, tmp_path):
+    import resource
+    hard = resource.getrlimit(resource.RLIMIT_NOFILE)[1]
+    if hard == resource.RLIM_INFINITY:
+        pytest.skip("the hard limit on open files is unlimited here")
+    worker = WorkerProcess(model_dir, tmp_path / "worker.log", "--max-connections", str(hard + 1))
+    assert worker.process.wait(timeout=120) == 2
+    assert "needs" in worker.log() and "hard limit" in worker.log()
+
+
+def test_connections_get_tcp_keepalive(model_dir, tmp_path):
+    with running_worker(model_dir, tmp_path / "worker.log") as worker:
+        client = connect(worker.port)
+        assert client.health()
+        sockets = subprocess.run(["ss", "-tnoH", "state", "established", f"( sport = :{worker.port} )"],
+                                 capture_output=True, text=True, timeout=30).stdout
+        assert "keepalive" in sockets, sockets
+        client.close()
