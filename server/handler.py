@@ -34,6 +34,9 @@ request_log = logging.getLogger("ringlm.requests")
 FINISH_REASONS = {reason: getattr(thrift.FinishReason, reason.name) for reason in FinishReason
                   if reason != FinishReason.SENT_AWAY}
 SENT_AWAY_MESSAGE = "the server is draining and sent this request away; run it elsewhere"
+AUTH_FAILURE_DELAY_S = 0.1        # the first wrong token's delay; it doubles with each one after
+MAX_AUTH_FAILURE_DELAY_S = 2.0
+MAX_AUTH_FAILURES = 5             # wrong tokens a connection may send before it is closed
 MODEL_ERROR_MESSAGE = "the model produced invalid logits (NaN or all -inf) for this request"
 SAMPLING_FIELDS = ("temperature", "top_k", "top_p", "min_p", "repetition_penalty", "presence_penalty",
                    "frequency_penalty", "seed", "logit_bias")
@@ -137,6 +140,8 @@ class ConnectionHandler:
     def __init__(self, service: Service, wait_peer_gone: Callable[[], object] | None = None):
         self.service = service
         self.authenticated = service.auth_token is None
+        self.auth_failures = 0
+        self.closing = False          # the worker closes the connection after this call's reply
         self.opened_streams: set[str] = set()
         self.wait_peer_gone = wait_peer_gone
 
@@ -145,6 +150,12 @@ class ConnectionHandler:
     def authenticate(self, token: str) -> None:
         expected = self.service.auth_token
         if expected is not None and not hmac.compare_digest((token or "").encode(), expected.encode()):
+            # Each wrong guess on a connection waits twice as long as the one before it, and after a few the
+            # connection is closed: guessing costs time and connections (themselves capped, and closed
+            # when unauthenticated for --auth-timeout-s).
+            self.auth_failures += 1
+            gevent.sleep(min(AUTH_FAILURE_DELAY_S * 2 ** (self.auth_failures - 1), MAX_AUTH_FAILURE_DELAY_S))
+            self.closing = self.auth_failures >= MAX_AUTH_FAILURES
             raise thrift.Unauthorized(message="wrong auth token")
         self.authenticated = True
 

@@ -80,6 +80,8 @@ class InboundConnection:
                     self.reply(self.process(frame))
                 finally:
                     self.worker.calls_in_progress -= 1
+                if self.handler.closing:
+                    raise FrameError(f"{self.handler.auth_failures} wrong auth tokens")
         finally:
             self.handler.close()   # the streams this connection opened die with it
 

@@ -10,6 +10,7 @@ import ssl
 import subprocess
 import sys
 import threading
+import time
 import urllib.request
 from pathlib import Path
 
@@ -208,6 +209,30 @@ def test_supervisor_runs_workers_on_consecutive_ports_restarts_a_killed_one_and_
             supervisor.wait()
 
 
+def test_a_worker_that_cannot_start_stops_the_supervisor_instead_of_restarting_for_ever(tmp_path):
+    served = subprocess.run([sys.executable, "-m", "ringlm.cli", "serve", "--model", str(tmp_path / "missing.gguf"),
+                             "--port", str(consecutive_free_ports(2)), "--workers", "2"],
+                            capture_output=True, text=True, timeout=300)
+    assert served.returncode == 2, served.stderr
+    assert "missing.gguf" in served.stderr and "cannot start with this configuration" in served.stderr
+
+
+def test_workers_go_when_their_supervisor_is_killed(model_dir, tmp_path):
+    port = consecutive_free_ports(1)
+    with open(tmp_path / "supervisor.log", "wb") as log:
+        supervisor = subprocess.Popen(
+            [sys.executable, "-m", "ringlm.cli", "serve", "--model", str(model_dir), "--port", str(port),
+             "--workers", "1", "--torch-threads", "1", "--max-seq-len", "256"], stdout=log, stderr=subprocess.STDOUT)
+    try:
+        pid = wait_until(lambda: worker_pid(port), timeout_s=120, what="the worker")
+        supervisor.kill()
+        supervisor.wait(timeout=30)
+        wait_until(lambda: not pid_alive(pid), timeout_s=60, what="the orphaned worker to exit")
+    finally:
+        if supervisor.poll() is None:
+            supervisor.kill()
+
+
 def test_cluster_command_starts_count_servers_prints_them_and_stops_them_on_ctrl_c(model_dir, tmp_path):
     port = consecutive_free_ports(2)
     output = tmp_path / "cluster.log"
@@ -367,3 +392,21 @@ def test_connections_get_tcp_keepalive(model_dir, tmp_path):
                                  capture_output=True, text=True, timeout=30).stdout
         assert "keepalive" in sockets, sockets
         client.close()
+
+
+def test_wrong_tokens_are_slowed_and_then_the_connection_is_closed(model_dir, tmp_path):
+    token_file = tmp_path / "token"
+    token_file.write_text("t0ken\n")
+    with running_worker(model_dir, tmp_path / "worker.log", "--auth-token-file", str(token_file)) as worker:
+        guesser = connect(worker.port)
+        started = time.monotonic()
+        for _ in range(5):
+            with pytest.raises(thrift.Unauthorized):
+                guesser.authenticate("guess")
+        assert time.monotonic() - started >= 0.1 + 0.2 + 0.4 + 0.8 + 1.6   # the delays, doubling
+        with pytest.raises(Exception):   # the fifth wrong token closed the connection
+            guesser.authenticate("t0ken")
+        honest = connect(worker.port)
+        honest.authenticate("t0ken")
+        assert honest.status().ready
+        honest.close()
