@@ -41,6 +41,7 @@ class WorkerConfig:
     auth_token_file: str | None = None
     debug_blocking_ms: float | None = None
     zookeeper: str | None = None
+    zookeeper_auth_file: str | None = None
     weight: float = 1.0
 
     @property
@@ -75,6 +76,8 @@ HELP = {
     "auth_token_file": "file with a shared token: clients must authenticate() with it",
     "debug_blocking_ms": "report (with its stack) any greenlet that holds the gevent hub this long",
     "zookeeper": "ZooKeeper hosts (host:port,...[/chroot]): register this worker there for clients to find",
+    "zookeeper_auth_file": "file with ZooKeeper digest credentials (user:password): only they may change or "
+                           "delete this worker's znode",
     "weight": "this worker's share of the ring's keys relative to others, as registered in ZooKeeper",
 }
 

@@ -198,10 +198,12 @@ class Worker:
         return self.exit_code
 
     def register(self) -> None:
-        """Join the cluster in ZooKeeper once listening, so clients never see a server that cannot answer."""
+        """Join the cluster in ZooKeeper once listening, so clients never see a server that cannot answer;
+        in the background, so a ZooKeeper that is away delays joining, never serving."""
         from ringlm.server.registration import Registration
         self.registration = Registration(self.config.zookeeper, self.config.address, weight=self.config.weight,
-                                         model=self.service.model_name, gevent=True)
+                                         model=self.service.model_name, gevent=True,
+                                         credentials=read_token_file(self.config.zookeeper_auth_file))
 
     def deregister(self) -> None:
         registration, self.registration = self.registration, None
