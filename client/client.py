@@ -8,8 +8,8 @@ loads move a key off a node carrying more than `load_factor` times the mean.
 A request that meets a connection error, Overloaded or a draining server is
 sent to the next distinct available node clockwise, never past its deadline,
 to at most `max_nodes_per_request` nodes and only while the client's retry
-budget lasts; the deadline travels to each server as the time that remains. Every sampled
-request carries a seed (a random one if the caller gave none), so a
+budget lasts; the deadline travels to each server as the time that remains.
+Every sampled request carries a seed (a random one if the caller gave none), so a
 generation retried from scratch gives the same tokens, and a stream whose
 server dies is reopened on the next node with the prompt's ids plus the
 tokens already received (`resume_ids`): the caller sees one uninterrupted,
@@ -93,7 +93,8 @@ class ClientConfig(PoolConfig):
 
     load_factor: float = 1.25             # the ring's bound: a node takes at most this times the mean load
     generate_timeout_s: float = 600.0     # the longest a generate without a deadline waits for its answer
-    max_nodes_per_request: int = 3        # home and two more: past a third failure the cluster, not a node, is ill
+    max_nodes_per_request: int = 3        # distinct nodes one request tries: after three failures the fault is
+                                          # likelier the cluster's or the request's than one node's
     # Retries may add this share to the requests sent (20%: an outage costs the cluster at most 1.2x
     # the load)...
     retry_budget_ratio: float = 0.2

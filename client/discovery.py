@@ -206,7 +206,8 @@ class ZooKeeperDiscovery:
         self.path = path.rstrip("/")
         self.model = model
         self.networks = None if allowed_networks is None else parse_networks(allowed_networks)
-        self.last: dict[str, float] = {}
+        self.last: dict[str, float] = {}   # the membership last handed on (never an empty one after a full one)
+        self._folder: int | None = None    # the creation zxid of the folder whose children are watched
         self._closed = False
         self.zk = zookeeper_client(hosts, gevent, credentials)
         try:
@@ -214,25 +215,43 @@ class ZooKeeperDiscovery:
         except Exception as error:   # kazoo's handlers each raise their own timeout class
             self.zk.close()
             raise ConnectionError(f"ZooKeeper at {hosts} did not answer within {timeout_s:g} s: {error}") from None
-        self.zk.ensure_path(self.path, acl=member_acl(credentials))
 
     def watch(self, on_change: OnChange) -> None:
-        from kazoo.recipe.watchers import ChildrenWatch
+        from kazoo.recipe.watchers import ChildrenWatch, DataWatch
 
-        def children_changed(children: list[str]) -> bool:
-            if self._closed:
-                return False   # tells kazoo to drop the watch
-            members = self.members(children)
-            if not members and self.last:
-                log.warning("ZooKeeper lists no usable server under %s; keeping the last %d (%s)", self.path,
-                            len(self.last), ", ".join(sorted(self.last)))
+        def watch_children(folder: int) -> None:
+            def children_changed(children: list[str]) -> bool:
+                if self._closed or folder != self._folder:
+                    return False   # tells kazoo to drop the watch
+                members = self.members(children)
+                if not members and self.last:
+                    log.warning("ZooKeeper lists no usable server under %s; keeping the last %d servers (%s)",
+                                self.path, len(self.last), ", ".join(sorted(self.last)))
+                    return True
+                self.last = members
+                on_change(members)
                 return True
-            self.last = members
-            on_change(members)
+
+            # kazoo calls it once now, again on every change, and re-reads after a reconnection.
+            ChildrenWatch(self.zk, self.path, children_changed)
+
+        def folder_changed(data, stat) -> bool:
+            # A ChildrenWatch ends for good when its folder is deleted (a wiped chroot): watch the
+            # children of each folder that appears at the path, told apart by their creation zxid.
+            if self._closed:
+                return False
+            if stat is None:
+                if self._folder is None:
+                    on_change({})   # no server has created the folder yet (clients leave that to them: its ACL)
+                elif self.last:
+                    log.warning("ZooKeeper has no folder %s any more; keeping the last %d servers (%s)",
+                                self.path, len(self.last), ", ".join(sorted(self.last)))
+            elif stat.czxid != self._folder:
+                self._folder = stat.czxid
+                watch_children(stat.czxid)
             return True
 
-        # kazoo calls it once now, again on every change, and re-reads after a reconnection.
-        ChildrenWatch(self.zk, self.path, children_changed)
+        DataWatch(self.zk, self.path, folder_changed)
 
     def members(self, children: Iterable[str]) -> dict[str, float]:
         from kazoo.exceptions import NoNodeError

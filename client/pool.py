@@ -81,6 +81,8 @@ def typed_errors(address: str, sent: bool) -> Iterator[None]:
 
 
 class FrameTooLarge(Exception):
+    """A call whose frame is larger than max_frame_bytes (`size` bytes); nothing of it was sent."""
+
     def __init__(self, size: int):
         super().__init__(size)
         self.size = size
@@ -137,9 +139,7 @@ class Connection:
         except FrameTooLarge as error:
             raise InvalidRequestError(
                 f"the {method} request is {error.size} bytes serialized, over max_frame_bytes "
-                f"({self.max_frame_bytes}): servers close the connection on a larger frame, so it was not "
-                f"sent (a long prompt or many ids; raise max_frame_bytes only with the servers' "
-                f"--max-frame-bytes)") from None
+                f"({self.max_frame_bytes}), the largest frame servers read: not sent") from None
 
     def close(self) -> None:
         self.socket.close()
