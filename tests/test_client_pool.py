@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import math
 import socket
+import ssl
 import threading
 import time
 from contextlib import contextmanager
@@ -88,6 +89,14 @@ def test_a_refused_connection_ejects_the_node_for_a_doubling_capped_backoff():
         assert not node.available() and node.ejected_until > time.monotonic()
     assert backoffs == [0.5, 1.0, 2.0, 2.0]
     assert node.in_flight == 0
+
+
+def test_a_failed_tls_handshake_ejects_the_node_at_once():
+    with listening(lambda sock: None) as address:   # a plain TCP server that hangs up on the handshake
+        node = Node(address, config(ssl_context=ssl.create_default_context()))
+        with pytest.raises(ServerUnavailableError) as error:
+            node.call("health")
+        assert error.value.sent is False and not node.available()
 
 
 def test_the_checker_probes_an_ejected_node_only_once_its_backoff_has_passed():
