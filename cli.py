@@ -93,9 +93,14 @@ def cluster_client(args):
     from ringlm.client.discovery import ZooKeeperDiscovery
 
     token = read_token_file(args.auth_token_file)
-    if args.zookeeper:
-        return Client(discovery=ZooKeeperDiscovery(args.zookeeper), auth_token=token)
-    return Client(args.servers, auth_token=token)
+    networks = args.zookeeper_allowed_networks
+    if not args.zookeeper:
+        if args.zookeeper_auth_file or networks is not None:
+            raise ValueError("--zookeeper-auth-file and --zookeeper-allowed-networks go with --zookeeper")
+        return Client(args.servers, auth_token=token)
+    discovery = ZooKeeperDiscovery(args.zookeeper, credentials=read_token_file(args.zookeeper_auth_file),
+                                   allowed_networks=None if networks is None else networks.split(","))
+    return Client(discovery=discovery, auth_token=token)
 
 
 def generation_options(args) -> dict:
@@ -241,12 +246,22 @@ def loadtest_progress(args):
     return Bar()
 
 
+def add_zookeeper_arguments(parser: argparse.ArgumentParser) -> None:
+    """How a client trusts ZooKeeper's membership: shared by `generate`, `chat` and `loadtest`."""
+    parser.add_argument("--zookeeper-auth-file", metavar="FILE", help="file with ZooKeeper digest credentials "
+                                                                     "(user:password)")
+    parser.add_argument("--zookeeper-allowed-networks", metavar="CIDRS", help="use only servers whose addresses "
+                                                                             "lie in these networks "
+                                                                             "(e.g. 10.0.0.0/8,fd00::/8)")
+
+
 def add_cluster_arguments(parser: argparse.ArgumentParser) -> None:
     """Where the cluster is and how to generate: shared by `generate` and `chat`."""
     where = parser.add_mutually_exclusive_group(required=True)
     where.add_argument("--servers", help="host:port,host:port,...")
     where.add_argument("--zookeeper", metavar="HOSTS", help="ZooKeeper hosts (host:port,...[/chroot]) the servers "
                                                             "registered in")
+    add_zookeeper_arguments(parser)
     parser.add_argument("--auth-token-file", help="file holding the servers' shared auth token")
     parser.add_argument("--session", metavar="KEY", help="routing key: requests sharing it go to the same server")
     parser.add_argument("--max-tokens", type=int, default=256, metavar="N", help="new tokens at most (default 256)")
@@ -325,6 +340,7 @@ def build_parser() -> argparse.ArgumentParser:
     target.add_argument("--zookeeper", metavar="HOSTS", help="ringlm servers registered in ZooKeeper")
     target.add_argument("--openai-url", metavar="URL", help="an OpenAI-compatible base URL, e.g. http://host:8080/v1")
     loadtest.add_argument("--openai-model", default="default", help="the model name sent to --openai-url")
+    add_zookeeper_arguments(loadtest)
     loadtest.add_argument("--auth-token-file", help="file holding the servers' shared auth token")
     load = loadtest.add_mutually_exclusive_group()
     load.add_argument("--concurrency", type=int, metavar="N", help="closed loop: N requests in flight (default 8)")

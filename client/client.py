@@ -6,9 +6,10 @@ requests sharing a system prompt share a prefix cache). The ring's bounded
 loads move a key off a node carrying more than `load_factor` times the mean.
 
 A request that meets a connection error, Overloaded or a draining server is
-sent to the next distinct node clockwise, never past its deadline; the
-deadline travels to each server as the budget that remains. Every sampled
-request carries a seed (a random one if the caller gave none), so a
+sent to the next distinct available node clockwise, never past its deadline,
+to at most `max_nodes_per_request` nodes and only while the client's retry
+budget lasts; the deadline travels to each server as the time that remains.
+Every sampled request carries a seed (a random one if the caller gave none), so a
 generation retried from scratch gives the same tokens, and a stream whose
 server dies is reopened on the next node with the prompt's ids plus the
 tokens already received (`resume_ids`): the caller sees one uninterrupted,
@@ -29,8 +30,8 @@ from dataclasses import dataclass
 from typing import TypeVar
 
 from ringlm.client.discovery import Discovery, StaticDiscovery
-from ringlm.client.errors import CancelledError, DeadlineExceededError, ModelError, NoServerAvailableError, RinglmError
-from ringlm.client.failover import RETRYABLE, Failover, deadline_from
+from ringlm.client.errors import CancelledError, DeadlineExceededError, ModelError, RinglmError
+from ringlm.client.failover import RETRYABLE, Failover, RetryBudget, deadline_from, exhausted
 from ringlm.client.pool import Node, Pool, PoolConfig
 from ringlm.client.result import PRIORITIES, Result, Timings, Usage, result_from_thrift
 from ringlm.client.ring import Ring
@@ -92,6 +93,14 @@ class ClientConfig(PoolConfig):
 
     load_factor: float = 1.25             # the ring's bound: a node takes at most this times the mean load
     generate_timeout_s: float = 600.0     # the longest a generate without a deadline waits for its answer
+    max_nodes_per_request: int = 3        # distinct nodes one request tries: after three failures the fault is
+                                          # likelier the cluster's or the request's than one node's
+    # Retries may add this share to the requests sent (20%: an outage costs the cluster at most 1.2x
+    # the load)...
+    retry_budget_ratio: float = 0.2
+    # ...plus this many a second, so that a client sending little (a chat, a CLI call) can still fail
+    # over when a server dies (Finagle's RetryBudget uses the same two figures).
+    retry_budget_floor_per_s: float = 10.0
 
 
 class Client:
@@ -106,8 +115,11 @@ class Client:
         if (servers is None) == (discovery is None):
             raise TypeError("give exactly one of servers or discovery=")
         self.config = dataclasses.replace(config or ClientConfig(), **settings)
+        if self.config.max_nodes_per_request < 1:
+            raise ValueError(f"max_nodes_per_request must be at least 1, got {self.config.max_nodes_per_request}")
         self.pool = Pool(self.config)
         self.ring = Ring(load_factor=self.config.load_factor)
+        self.retry_budget = RetryBudget(self.config.retry_budget_ratio, self.config.retry_budget_floor_per_s)
         self._lock = threading.Lock()
         self.discovery = discovery or StaticDiscovery(servers)
         self.discovery.watch(self._set_nodes)
@@ -120,8 +132,10 @@ class Client:
         self.close()
 
     def close(self) -> None:
+        """Stop discovery and the health checker, close every connection, empty the ring."""
         self.discovery.close()
         self.pool.close()
+        self._set_nodes({})
 
     # -- membership and routing
 
@@ -140,27 +154,24 @@ class Client:
         """The node a request with this routing key goes to first, loads and health considered."""
         node = self._pick(key, set())
         if node is None:
-            raise NoServerAvailableError("no server is available")
+            raise exhausted(self.pool.unavailable())
         return node.address
 
     def failover(self, key: str, deadline: float | None) -> Failover:
         """The nodes a request with this routing key tries, in turn, until `deadline` (time.monotonic())."""
-        return Failover(lambda tried: self._pick(key, tried), deadline)
+        return Failover(lambda tried: self._pick(key, tried), deadline, budget=self.retry_budget,
+                        max_nodes=self.config.max_nodes_per_request, unavailable=self.pool.unavailable)
 
     def _pick(self, key: str, tried: set[str]) -> Node | None:
-        """The first untried available node for key, bounded by load; else an untried ejected one
-        (ejection may be stale); None when only draining or tried nodes are left."""
+        """The first untried available node for key, bounded by load; None when every node is tried,
+        ejected or draining (an ejected node comes back when the checker's probe finds it answering)."""
         with self._lock:   # the ring and the pool change together under it: their nodes agree
-            if not len(self.ring):
-                return None
             try:
                 address = self.ring.node_for_bounded(key, self.pool.loads(),
-                                                     exclude=tried | self.pool.unavailable())
-            except LookupError:
-                nodes = self.pool.nodes
-                address = next((address for address in self.ring.nodes_for(key)
-                                if address not in tried and not nodes[address].draining), None)
-            return None if address is None else self.pool.node(address)
+                                                     exclude=tried | self.pool.unavailable().keys())
+            except LookupError:   # no node, or every one excluded
+                return None
+            return self.pool.node(address)
 
     def _with_failover(self, key: str, deadline: float | None,
                        attempt: Callable[[Node, int | None], T]) -> T:

@@ -122,6 +122,8 @@ class WorkerConfig:
                                          "for clients to find")
     weight: float = option(1.0, "this worker's share of the ring's keys relative to others, as registered in "
                                 "ZooKeeper", above=0)
+    zookeeper_auth_file: str | None = option(None, "file with ZooKeeper digest credentials (user:password): only "
+                                                   "they may change or delete this worker's znode")
 
     def __post_init__(self) -> None:
         for item in dataclasses.fields(self):

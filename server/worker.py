@@ -225,10 +225,12 @@ class Worker:
         return self.exit_code
 
     def register(self) -> None:
-        """Join the cluster in ZooKeeper once listening, so clients never see a server that cannot answer."""
+        """Join the cluster in ZooKeeper once listening, so clients never see a server that cannot answer;
+        in the background, so a ZooKeeper that is away delays joining, never serving."""
         from ringlm.server.registration import Registration
         self.registration = Registration(self.config.zookeeper, self.config.address, weight=self.config.weight,
-                                         model=self.service.model_name, gevent=True)
+                                         model=self.service.model_name, gevent=True,
+                                         credentials=read_token_file(self.config.zookeeper_auth_file))
 
     def deregister(self) -> None:
         registration, self.registration = self.registration, None
@@ -311,6 +313,20 @@ class Worker:
         self.stopped.set()
 
 
+def check_registration(config: WorkerConfig) -> None:
+    """Refuse, before the model loads, what ZooKeeper registration would refuse later: a weight clients
+    would ignore, a credentials file that is missing or empty."""
+    if config.zookeeper_auth_file and not config.zookeeper:
+        raise ValueError("--zookeeper-auth-file needs --zookeeper")
+    if config.zookeeper:
+        from ringlm.client.discovery import check_weight
+        try:
+            check_weight(config.weight)
+        except ValueError as error:
+            raise ValueError(f"--weight: {error}") from None
+        read_token_file(config.zookeeper_auth_file)
+
+
 def keep_alive(sock: socket.socket) -> None:
     """TCP keepalive probes, so a peer that vanished without closing (a dead host, a cut link) is noticed
     in about a minute and its running generation cancelled, instead of running to max_tokens."""
@@ -375,6 +391,7 @@ def run(config: WorkerConfig) -> int:
         gevent.config.monitor_thread = True
         gevent.config.max_blocking_time = config.debug_blocking_ms / 1000
     raise_open_file_limit(config.max_connections)
+    check_registration(config)
     ssl_context = tls_context(config)
     service = build_service(config)
     worker = Worker(config, service, ssl_context)

@@ -68,7 +68,7 @@ EVERY_FIELD_SET = WorkerConfig(
     max_request_id_length=16, auth_timeout_s=3.5, max_stop_token_ids=2, max_session_length=20, step_timeout_s=5.5, max_connections=9, max_frame_bytes=4096, idle_timeout_s=0.1, frame_timeout_s=1e-3,
     drain_grace_s=0.0, metrics_port=9200, tls_cert="/tls/server.pem", tls_key="/tls/server.key",
     tls_ca="/tls/ca.pem", auth_token_file="-token file", debug_blocking_ms=12.5,
-    zookeeper="zk1:2181,zk2:2181/ringlm", weight=0.3)
+    zookeeper="zk1:2181,zk2:2181/ringlm", weight=0.3, zookeeper_auth_file="/zk/credentials")
 
 
 def test_the_round_trip_config_sets_every_field_to_a_value_other_than_its_default():
