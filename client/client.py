@@ -44,7 +44,8 @@ T = TypeVar("T")
 
 SAMPLING_OPTIONS = ("temperature", "top_k", "top_p", "min_p", "repetition_penalty", "presence_penalty",
                     "frequency_penalty", "logit_bias")
-REQUEST_OPTIONS = ("stop_token_ids", "ignore_eos", "logprobs", "top_logprobs", "add_generation_prompt")
+REQUEST_OPTIONS = ("stop_token_ids", "ignore_eos", "logprobs", "top_logprobs", "add_generation_prompt",
+                   "parse_special")
 PREFIX_KEY_CHARS = 256         # prompts that share this much share a routing key (and a prefix cache)
 PREFIX_KEY_MESSAGES = 2        # for chats: the system prompt and the first user turn
 STREAM_POLL_MS = 1000
@@ -199,7 +200,8 @@ class Client:
                  **options) -> Result:
         """Generate text for a prompt or chat messages; options are the sampling fields
         (temperature, top_k, top_p, min_p, penalties, logit_bias) and stop_token_ids, ignore_eos,
-        logprobs, top_logprobs, add_generation_prompt."""
+        logprobs, top_logprobs, add_generation_prompt, parse_special (a prompt's control-token text as control
+        tokens: for trusted text only)."""
         request = build_request(prompt, messages, session=session, max_tokens=max_tokens, priority=priority,
                                 stop=stop, seed=seed, options=options)
         deadline = deadline_from(deadline_ms)
@@ -280,7 +282,6 @@ class Stream:
         self.result: Result | None = None
         self.server: str | None = None    # the server generating it now
         self.failed_over_from: list[str] = []
-        self._prompt_ids: list[int] | None = None
         self._chunks = self._run()
 
     def __iter__(self) -> Iterator[str]:
@@ -327,7 +328,9 @@ class Stream:
                     return
 
     def _request_for(self, connection, remaining_ms: int | None) -> thrift.GenerateRequest | None:
-        """The request as first sent, or after a failover: the prompt as ids plus what arrived so far."""
+        """The request as first sent, or after a failover the same request plus what arrived so far
+        (`resume_ids`): the next server tokenizes the prompt or messages as the first did (same model,
+        same rules, control tokens in user text kept plain), so nothing is tokenized here."""
         request = self.request
         request.deadline_ms = remaining_ms
         if not self.token_ids:
@@ -336,27 +339,12 @@ class Stream:
             self._finish(Result(text="", token_ids=[], finish_reason="length", usage=Usage(),
                                 timings=Timings(), server=connection.address))
             return None
-        if self._prompt_ids is None:
-            self._prompt_ids = self._prompt_ids_on(connection)
-        return copy_struct(request, prompt=None, messages=None, request_id=None, prompt_ids=self._prompt_ids,
-                           resume_ids=list(self.token_ids))
-
-    def _prompt_ids_on(self, connection) -> list[int]:
-        """The prompt's ids as the server tokenizes them in generate (same model, same ids)."""
-        request, timeout_s = self.request, self.client.config.read_timeout_s
-        if request.prompt_ids is not None:
-            return list(request.prompt_ids)
-        if request.prompt is not None:
-            return connection.call("tokenize", request.prompt, True, True, timeout_s=timeout_s)
-        rendered = connection.call("apply_chat_template", request.messages,
-                                   request.add_generation_prompt is not False, timeout_s=timeout_s)
-        return connection.call("tokenize", rendered, False, True, timeout_s=timeout_s)
+        return copy_struct(request, request_id=None, resume_ids=list(self.token_ids))
 
     def _finish(self, last: Result) -> None:
         """The whole result: all text, tokens and logprobs; usage, timings and the alternatives of
         each token from the server that finished (those of the servers that died went with them)."""
-        prompt_tokens = len(self._prompt_ids) if self._prompt_ids is not None else last.usage.prompt_tokens
-        last.usage = Usage(prompt_tokens=prompt_tokens, cached_prompt_tokens=last.usage.cached_prompt_tokens,
+        last.usage = Usage(prompt_tokens=last.usage.prompt_tokens, cached_prompt_tokens=last.usage.cached_prompt_tokens,
                            completion_tokens=len(self.token_ids))
         last.text, last.token_ids = self.text, list(self.token_ids)
         last.logprobs = list(self.logprobs) if self.request.logprobs or self.request.top_logprobs else None
