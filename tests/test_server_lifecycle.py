@@ -342,6 +342,20 @@ def test_status_command_speaks_tls_and_auth(secure_server, certificates):
     assert "Unauthorized" in json.loads(refused.stdout)["error"]
 
 
+def test_generate_and_chat_speak_tls_and_auth(secure_server, certificates):
+    address = f"127.0.0.1:{secure_server.port}"
+    tls = ["--tls-ca", str(certificates / "ca.pem"), "--tls-cert", str(certificates / "client.pem"),
+           "--tls-key", str(certificates / "client.key"), "--auth-token-file", str(certificates / "token")]
+    generated = run_cli("generate", "--servers", address, *tls, "--max-tokens", "3", "--json", "Hello")
+    assert generated.returncode == 0, generated.stderr
+    assert json.loads(generated.stdout)["usage"]["completion_tokens"] == 3
+    chat = subprocess.run([sys.executable, "-m", "ringlm.cli", "chat", "--servers", address, *tls,
+                           "--max-tokens", "3"], input="Hi\n", capture_output=True, text=True, timeout=120)
+    assert chat.returncode == 0 and chat.stdout.strip(), chat.stderr
+    plain = run_cli("generate", "--servers", address, "--max-tokens", "3", "Hello")
+    assert plain.returncode != 0   # without TLS the server refuses the connection
+
+
 # -- connections: unauthenticated time, open files, keepalive
 
 def test_an_unauthenticated_connection_is_closed_after_the_auth_timeout_even_if_it_calls_health(model_dir, tmp_path):
