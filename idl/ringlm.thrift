@@ -219,9 +219,10 @@ service Generator {
    * with nothing new. The last chunk has done = true and the whole result, whose
    * finish_reason says how it ended (DEADLINE, CANCELLED and ERROR included), except that a
    * draining server that sends the request away raises Overloaded(draining=true): the client
-   * resumes it elsewhere from the tokens it received. A stream
-   * not polled for the server's stream idle timeout is cancelled; so are the streams
-   * of a connection that closes.
+   * resumes it elsewhere from the tokens it received. Reading slowly never cancels a
+   * running stream; a finished stream whose last chunk is not polled within the server's
+   * stream idle timeout (600 s by default) is dropped. The streams of a connection that
+   * closes are cancelled.
    */
   StreamChunk next_chunk(1: string stream_id, 2: i32 wait_ms)
       throws (1: InvalidRequest invalid, 2: Overloaded overloaded, 5: Unauthorized unauthorized,

@@ -27,7 +27,7 @@ class ServiceLimits:
     """
 
     max_open_streams: int = 256
-    stream_idle_timeout_s: float = 60.0
+    stream_idle_timeout_s: float = 600.0
     max_wait_ms: int = 30_000
     max_stop_strings: int = 16
     max_stop_length: int = 256
@@ -81,8 +81,8 @@ class WorkerConfig:
     # the handler's per-request limits (ServiceLimits)
     max_open_streams: int = option(ServiceLimits.max_open_streams, "streams open at once before open_stream is "
                                                                    "Overloaded", at_least=1)
-    stream_idle_timeout_s: float = option(ServiceLimits.stream_idle_timeout_s, "seconds a stream may go unpolled "
-                                                                               "before it is cancelled", above=0)
+    stream_idle_timeout_s: float = option(ServiceLimits.stream_idle_timeout_s, "seconds a finished stream keeps "
+                                          "its last chunk for a client that has not polled it", above=0)
     max_wait_ms: int = option(ServiceLimits.max_wait_ms, "the longest a next_chunk call waits for tokens",
                               at_least=1)
     max_stop_strings: int = option(ServiceLimits.max_stop_strings, "stop strings per request", at_least=0)

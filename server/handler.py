@@ -73,13 +73,16 @@ class Service:
         return f"{self.server_name}-{secrets.token_hex(12)}"
 
     def reap_idle_streams(self) -> None:
-        """Cancel streams nobody polled within the idle timeout (the worker calls this periodically)."""
+        """Drop finished streams whose last chunk nobody polled within the idle timeout of their end or
+        their last poll, whichever came later (the worker calls
+        this periodically). A running stream is never cancelled for being read slowly: a slow consumer
+        keeps it, and an abandoned one ends with its connection (closed, idle, or found dead by TCP
+        keepalive)."""
         horizon = time.monotonic() - self.limits.stream_idle_timeout_s
         for stream_id, stream in list(self.streams.items()):
-            if stream.last_polled < horizon:
-                log.info("stream %s not polled for %.0f s: cancelled", stream_id,
+            if stream.handle.finished and max(stream.last_polled, stream.handle.finished_at) < horizon:
+                log.info("stream %s finished and not polled for %.0f s: dropped", stream_id,
                          self.limits.stream_idle_timeout_s)
-                stream.handle.cancel()
                 self.streams.pop(stream_id, None)
                 stream.owner.opened_streams.discard(stream_id)
 

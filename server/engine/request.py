@@ -234,6 +234,11 @@ class RequestHandle:
         """Whether the request has ended (its last output may still be unread)."""
         return self._state.ended.is_set()
 
+    @property
+    def finished_at(self) -> float | None:
+        """time.monotonic() when the request ended, None while it runs."""
+        return self._state.times.finished if self.finished else None
+
     def cancel(self) -> bool:
         """End the request at the engine's next step (its tokens so far are kept); False if already over."""
         return self._cancel(self.request_id)
