@@ -227,7 +227,7 @@ class Chaos:
     def kill_one(self) -> None:
         """SIGKILL the ready worker that has been up longest, if another stays ready (so the cluster keeps
         serving while the supervisor restarts it)."""
-        statuses = {address: self.cluster.status(port, timeout_s=2.0)
+        statuses = {address: self.cluster.status(port, timeout_s=5.0)
                     for address, port in zip(self.cluster.addresses, self.cluster.ports)}
         ready = [(s.uptime_s, address, port) for (address, s), port in zip(statuses.items(), self.cluster.ports)
                  if s is not None and s.ready]
