@@ -46,6 +46,7 @@ import tempfile
 import threading
 import time
 from collections import Counter
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -137,7 +138,6 @@ def screen(client: Client, requests: list[ChaosRequest]) -> tuple[list[ChaosRequ
         request.min_gap = min(gaps) if gaps else float("inf")
         return request
 
-    from concurrent.futures import ThreadPoolExecutor
     with ThreadPoolExecutor(SCREEN_CONCURRENCY) as pool:
         done = list(pool.map(undisturbed, requests))
     return [r for r in done if r.min_gap >= NEAR_TIE], [r for r in done if r.min_gap < NEAR_TIE]
@@ -159,6 +159,7 @@ class Chaos:
         self.lock = threading.Lock()
         self.stopping = threading.Event()
         self.start = 0.0
+        self.wall_s = 0.0
 
     def clock(self) -> float:
         return time.monotonic() - self.start
