@@ -188,7 +188,9 @@ def run_soak(model: Path | str, folder: Path, *, duration_s: float, interval_s: 
             while load.poll() is None and tick * interval_s <= duration_s:
                 time.sleep(max(start + tick * interval_s - time.monotonic(), 0))   # the sampling cadence
                 at_s = time.monotonic() - start
-                samples += [sample(cluster, index, at_s) for index in range(len(cluster.ports))]
+                for index in range(len(cluster.ports)):
+                    samples.append(sample(cluster, index, at_s))
+                    log.info("%.0f s %s", at_s, " ".join(f"{k}={v}" for k, v in samples[-1].items() if k != "t_s"))
                 tick += 1
         try:
             load.wait(timeout=600)   # it stops starting requests at duration_s; the last ones finish
