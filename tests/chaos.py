@@ -340,7 +340,8 @@ def table(summary: dict) -> str:
         ("ok requests that failed over", summary["failed_over"]),
         ("streams compared / differing", f"{summary['streams_compared']} / {summary['differing_streams']}"),
         ("generates compared / differing", f"{summary['generates_compared']} / {summary['differing_generates']}"),
-        ("distinct requests (after screening near-ties)", summary["distinct_requests"]),
+        ("distinct requests / left out for a near-tie", f"{summary['distinct_requests']} / "
+                                                         f"{summary.get('screened_near_ties', '-')}"),
         ("fewest ok requests between two kills", min(summary["ok_after_each_kill"], default="-")),
         ("longest time without a request ending ok (s)", f"{summary['longest_without_ok_s']:.1f}"),
         ("end to end p50 / p99 (ms)", f"{ms(summary['e2e_ms']['p50'])} / {ms(summary['e2e_ms']['p99'])}"),
