@@ -187,20 +187,22 @@ def run_soak(model: Path | str, folder: Path, *, duration_s: float, interval_s: 
                 stderr=subprocess.STDOUT)
         samples = []
         start = time.monotonic()
-        with Leak(cluster.ports[0], leak_every_s) if leak_every_s else contextlib.nullcontext():
-            tick = 0
-            while load.poll() is None and tick * interval_s <= duration_s:
-                time.sleep(max(start + tick * interval_s - time.monotonic(), 0))   # the sampling cadence
-                at_s = time.monotonic() - start
-                for index in range(len(cluster.ports)):
-                    samples.append(sample(cluster, index, at_s))
-                    log.info("%.0f s %s", at_s, " ".join(f"{k}={v}" for k, v in samples[-1].items() if k != "t_s"))
-                tick += 1
         try:
+            with Leak(cluster.ports[0], leak_every_s) if leak_every_s else contextlib.nullcontext():
+                tick = 0
+                while load.poll() is None and tick * interval_s <= duration_s:
+                    time.sleep(max(start + tick * interval_s - time.monotonic(), 0))   # the sampling cadence
+                    at_s = time.monotonic() - start
+                    for index in range(len(cluster.ports)):
+                        samples.append(sample(cluster, index, at_s))
+                        log.info("%.0f s %s", at_s,
+                                 " ".join(f"{k}={v}" for k, v in samples[-1].items() if k != "t_s"))
+                    tick += 1
             load.wait(timeout=600)   # it stops starting requests at duration_s; the last ones finish
-        except subprocess.TimeoutExpired:
-            load.kill()
-            load.wait()
+        finally:
+            if load.poll() is None:   # an error above, or the load test hung
+                load.kill()
+                load.wait()
         if load.returncode != 0 or not load_json.exists():
             raise AssertionError(f"the load test exited with {load.returncode}:\n"
                                  f"{(folder / 'loadtest.log').read_text(errors='replace')[-3000:]}")
