@@ -25,7 +25,7 @@ PACKAGES = {
     "ringlm.client": "client",
 }
 
-CYTHON_MODULES = ["_bpe", "_sampling", "_ring"]
+CYTHON_MODULES = ["_bpe", "_sampling", "_ring", "_wire"]
 
 
 def compiler_has_openmp() -> bool:

@@ -131,7 +131,7 @@ class Connection:
             raise FrameError(str(error)) from None   # no method name or sequence id to reply to
         output = TCyBinaryProtocol(TCyMemoryBuffer())
         try:
-            wire.check_body(frame, header.body_start)
+            wire.check_body(frame, header)
             self.call(TCyBinaryProtocol(TCyMemoryBuffer(frame), strict_decode=True), output)
         except wire.MalformedMessage as error:
             output = TCyBinaryProtocol(TCyMemoryBuffer())
