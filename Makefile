@@ -7,7 +7,7 @@ PY := $(VENV)/bin/python
 PIP := $(PY) -m pip
 PYX := $(wildcard ext/*.pyx ext/*.pxd ext/*.h)
 
-.PHONY: install build demo test bench clean thrift-compiler zookeeper clients
+.PHONY: install build demo test bench fuzz clean thrift-compiler zookeeper clients
 
 install: $(VENV)/.installed
 
@@ -43,6 +43,15 @@ test: install thrift-compiler zookeeper
 
 bench: install
 	$(PY) benchmarks/run_all.py
+
+# The differential wire fuzzer (tests/wire_fuzz.py), coverage-guided by atheris for FUZZ_SECONDS; the
+# corpus grows in build/fuzz/corpus, and a frame the checker and thriftpy2 disagree on lands in build/fuzz/.
+FUZZ_SECONDS ?= 3600
+fuzz: install
+	$(PIP) install --quiet atheris
+	mkdir -p build/fuzz/corpus
+	$(PY) -m tests.wire_fuzz --atheris build/fuzz/corpus -max_total_time=$(FUZZ_SECONDS) \
+		-rss_limit_mb=2048 -timeout=10 -artifact_prefix=build/fuzz/ -print_final_stats=1
 
 clean:
 	rm -rf build ext/*.cpp ext/*.so *.egg-info clients
