@@ -4,7 +4,7 @@
 
 The walk runs on the gevent hub before anything else reads a frame, so its
 cost is paid by every connection of the worker: in Python a 1 MiB frame of
-empty structs took about a second, here a few milliseconds. `Schema` holds
+empty structs took 0.4 s of CPU, here under 10 ms. `Schema` holds
 the shapes of the IDL's structs as flat arrays of ints (built once by
 `ringlm.server.wire` from thriftpy2's thrift_spec); `Schema.walk` goes over
 one struct exactly as thriftpy2's Cython reader (thriftpy2/protocol/cybin)
