@@ -51,7 +51,7 @@ fuzz: install
 	$(PIP) install --quiet atheris
 	mkdir -p build/fuzz/corpus
 	$(PY) -m tests.wire_fuzz --atheris build/fuzz/corpus -max_total_time=$(FUZZ_SECONDS) \
-		-rss_limit_mb=2048 -timeout=10 -artifact_prefix=build/fuzz/ -print_final_stats=1
+		-max_len=2048 -rss_limit_mb=2048 -timeout=10 -artifact_prefix=build/fuzz/ -print_final_stats=1
 
 clean:
 	rm -rf build ext/*.cpp ext/*.so *.egg-info clients

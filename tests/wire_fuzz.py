@@ -275,25 +275,28 @@ def fuzz_with_atheris(argv: list[str]) -> None:
     pure-Python twin of the Cython reader (same read_struct, skip and map rule) on the inputs the
     checker accepts (on others it can loop 2**31 times over nothing, as the Cython one does)."""
     import atheris
-    from thriftpy2.protocol.binary import TBinaryProtocol
+    from thriftpy2.protocol import binary
     from thriftpy2.transport.memory import TMemoryBuffer
 
+    # Only these are instrumented: atheris.instrument_all() ran about 40 inputs a second here, this about 700.
+    for name in ("read_struct", "read_val", "skip"):
+        setattr(binary, name, atheris.instrument_func(getattr(binary, name)))
+    walk = atheris.instrument_func(landmarks)
     seeds = seed_calls()
-    atheris.instrument_all()
 
     def target(data: bytes) -> None:
-        landmarks(data)
+        walk(data)
         if check(data) == "accepted":
-            PROCESSOR.process_in(TBinaryProtocol(TMemoryBuffer(data)))
+            PROCESSOR.process_in(binary.TBinaryProtocol(TMemoryBuffer(data)))
+
+    mutator = Mutator(seeds, random.Random())
 
     def mutate(data: bytes, max_size: int, seed: int) -> bytes:
         if seed % 2:
             return atheris.Mutate(data, max_size)
-        rng = random.Random(seed)
-        frame = bytearray(data)
-        marks = landmarks(data)
-        mutator = Mutator(seeds, rng)
-        for _ in range(rng.choice((1, 2, 3))):
+        mutator.rng.seed(seed)
+        frame, marks = bytearray(data), landmarks(data)
+        for _ in range(mutator.rng.choice((1, 2, 3))):
             frame = mutator.mutate(frame, marks)
         return bytes(frame[:max_size])
 
