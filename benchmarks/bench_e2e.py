@@ -81,7 +81,7 @@ def start_naive(port: int) -> tuple[subprocess.Popen, list[str]]:
 
 
 def start_llama_server(port: int) -> tuple[subprocess.Popen, list[str]]:
-    from ringlm.models import default_model_path
+    from ringlm.ext.model_files import default_model_path
     process = subprocess.Popen([os.environ["LLAMA_SERVER"], "-m", str(default_model_path()), "--port", str(port),
                                 "-np", "16", "-c", str(16 * 256), "-t", str(os.cpu_count()), "-fa", "on",
                                 "--cont-batching"], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)

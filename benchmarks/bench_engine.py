@@ -28,7 +28,7 @@ import torch
 
 from ringlm.ext.sampling import SamplingParams
 from ringlm.ext.tokenizer import Tokenizer
-from ringlm.models import default_model_path
+from ringlm.ext.model_files import default_model_path
 from ringlm.server.engine.config import EngineConfig
 from ringlm.server.engine.engine import Engine
 from ringlm.server.engine.request import GenerationRequest

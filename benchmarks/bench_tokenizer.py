@@ -36,8 +36,8 @@ def contestants():
     import tiktoken
     from tokenizer_oracle import hf_tokenizer
 
+    from ringlm.ext.model_files import default_model_path
     from ringlm.ext.tokenizer import Tokenizer
-    from ringlm.models import default_model_path
 
     ours = Tokenizer.from_gguf(default_model_path())
     hf = hf_tokenizer(ours.spec)

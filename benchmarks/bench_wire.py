@@ -113,7 +113,7 @@ def main() -> str:
         parsed = microseconds(parse, frame)
         lines.append(f"| {name} | {len(frame):,} | {before:,.0f} | {after:,.1f} | {before / after:,.0f}x "
                      f"| {parsed:,.0f} |")
-    lines += ["", f"Before authentication a worker that requires a token reads only `health` and `authenticate`, "
+    lines += ["", f"Before authentication a worker that requires a token reads only `health`, `ready` and `authenticate`, "
               f"in frames of at most {PRE_AUTH_MAX_FRAME_BYTES:,} bytes, and refuses every other call by its name, unread."]
     text = "\n".join(lines)
     print(text)

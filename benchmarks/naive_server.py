@@ -18,8 +18,8 @@ import torch
 from flask import Flask, Response, request
 from transformers import AutoModelForCausalLM
 
+from ringlm.ext.model_files import default_model_path
 from ringlm.ext.tokenizer import Tokenizer
-from ringlm.models import default_model_path
 
 
 def create_app() -> Flask:

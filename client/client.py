@@ -12,34 +12,35 @@ request carries a seed (a random one if the caller gave none), so a
 generation retried from scratch gives the same tokens, and a stream whose
 server dies is reopened on the next node with the prompt's ids plus the
 tokens already received (`resume_ids`): the caller sees one uninterrupted,
-identical stream.
+identical stream. Both walk the same `Failover` (failover.py).
 """
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import json
 import logging
 import secrets
 import threading
-import time
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
 from typing import TypeVar
 
 from ringlm.client.discovery import Discovery, StaticDiscovery
-from ringlm.client.errors import (CancelledError, DeadlineExceededError, ModelError, NoServerAvailableError,
-                                  OverloadedError, RinglmError, ServerUnavailableError)
+from ringlm.client.errors import CancelledError, DeadlineExceededError, ModelError, NoServerAvailableError, RinglmError
+from ringlm.client.failover import RETRYABLE, Failover, deadline_from
 from ringlm.client.pool import Node, Pool, PoolConfig
-from ringlm.client.result import Result, Timings, Usage, result_from_thrift
+from ringlm.client.result import PRIORITIES, Result, Timings, Usage, result_from_thrift
 from ringlm.client.ring import Ring
+from ringlm.idl import copy_struct, to_dict
 from ringlm.idl import ringlm_thrift as thrift
 
 log = logging.getLogger(__name__)
 
 T = TypeVar("T")
 
-PRIORITIES = {"low": thrift.Priority.LOW, "normal": thrift.Priority.NORMAL, "high": thrift.Priority.HIGH}
 SAMPLING_OPTIONS = ("temperature", "top_k", "top_p", "min_p", "repetition_penalty", "presence_penalty",
                     "frequency_penalty", "logit_bias")
 REQUEST_OPTIONS = ("stop_token_ids", "ignore_eos", "logprobs", "top_logprobs", "add_generation_prompt")
@@ -85,23 +86,28 @@ def build_request(prompt: str | None, messages: Sequence[Message] | None, *, ses
                                   session=session, **extra)
 
 
-class Client:
-    """A consistent-hash client over a cluster of ringlm servers (a static list or a discovery source)."""
+@dataclass
+class ClientConfig(PoolConfig):
+    """A Client's settings: its pool's (timeouts, health checks, back-off, auth token, TLS) and these."""
 
-    def __init__(self, servers: Iterable[str] | Mapping[str, float] | None = None, *,
-                 discovery: Discovery | None = None, load_factor: float = 1.25,
-                 connect_timeout_s: float = 2.0, read_timeout_s: float = 30.0,
-                 generate_timeout_s: float = 600.0, health_interval_s: float = 1.0,
-                 first_backoff_s: float = 0.5, max_backoff_s: float = 10.0,
-                 auth_token: str | None = None, ssl_context=None):
+    load_factor: float = 1.25             # the ring's bound: a node takes at most this times the mean load
+    generate_timeout_s: float = 600.0     # the longest a generate without a deadline waits for its answer
+
+
+class Client:
+    """A consistent-hash client over a cluster of ringlm servers (a static list or a discovery source).
+
+    Settings come from `config` with any ClientConfig field given as a keyword on top, e.g.
+    `Client(servers, auth_token=token, load_factor=2)`.
+    """
+
+    def __init__(self, servers: Iterable[str] | Mapping[str, float] | str | None = None, *,
+                 discovery: Discovery | None = None, config: ClientConfig | None = None, **settings):
         if (servers is None) == (discovery is None):
             raise TypeError("give exactly one of servers or discovery=")
-        self.generate_timeout_s = generate_timeout_s   # the longest a generate may run without a deadline
-        self.pool = Pool(PoolConfig(connect_timeout_s=connect_timeout_s, read_timeout_s=read_timeout_s,
-                                    health_interval_s=health_interval_s, first_backoff_s=first_backoff_s,
-                                    max_backoff_s=max_backoff_s, auth_token=auth_token,
-                                    ssl_context=ssl_context))
-        self.ring = Ring(load_factor=load_factor)
+        self.config = dataclasses.replace(config or ClientConfig(), **settings)
+        self.pool = Pool(self.config)
+        self.ring = Ring(load_factor=self.config.load_factor)
         self._lock = threading.Lock()
         self.discovery = discovery or StaticDiscovery(servers)
         self.discovery.watch(self._set_nodes)
@@ -132,52 +138,46 @@ class Client:
 
     def server_for(self, key: str) -> str:
         """The node a request with this routing key goes to first, loads and health considered."""
-        address = self._pick(key, set())
-        if address is None:
+        node = self._pick(key, set())
+        if node is None:
             raise NoServerAvailableError("no server is available")
-        return address
+        return node.address
 
-    def _pick(self, key: str, tried: set[str]) -> str | None:
+    def failover(self, key: str, deadline: float | None) -> Failover:
+        """The nodes a request with this routing key tries, in turn, until `deadline` (time.monotonic())."""
+        return Failover(lambda tried: self._pick(key, tried), deadline)
+
+    def _pick(self, key: str, tried: set[str]) -> Node | None:
         """The first untried available node for key, bounded by load; else an untried ejected one
         (ejection may be stale); None when only draining or tried nodes are left."""
-        with self._lock:
+        with self._lock:   # the ring and the pool change together under it: their nodes agree
             if not len(self.ring):
                 return None
             try:
-                return self.ring.node_for_bounded(key, self.pool.loads(), exclude=tried | self.pool.unavailable())
+                address = self.ring.node_for_bounded(key, self.pool.loads(),
+                                                     exclude=tried | self.pool.unavailable())
             except LookupError:
-                pass
-            nodes = self.pool.nodes
-            return next((address for address in self.ring.nodes_for(key)
-                         if address not in tried and not nodes[address].draining), None)
+                nodes = self.pool.nodes
+                address = next((address for address in self.ring.nodes_for(key)
+                                if address not in tried and not nodes[address].draining), None)
+            return None if address is None else self.pool.node(address)
 
     def _with_failover(self, key: str, deadline: float | None,
                        attempt: Callable[[Node, int | None], T]) -> T:
-        """attempt(node, remaining_ms) on the key's node, then on each next distinct node while it fails
-        with a connection error, Overloaded or draining, until the deadline."""
-        tried: set[str] = set()
-        errors: dict[str, Exception] = {}
-        while True:
-            remaining_ms = remaining(deadline)
-            address = self._pick(key, tried)
-            if address is None:
-                raise exhausted(errors)
-            tried.add(address)
-            node = self.pool.nodes.get(address)
-            if node is None:
-                continue   # discovery removed it a moment ago
+        """attempt(node, remaining_ms) on each node of the key's failover until one answers (the
+        failover raises when the deadline passes or no node is left)."""
+        failover = self.failover(key, deadline)
+        for node, remaining_ms in failover:
             try:
                 return attempt(node, remaining_ms)
-            except (ServerUnavailableError, OverloadedError) as error:
-                note_refusal(node, error)
-                errors[address] = error
-                log.info("%s failed (%s); trying the next node", address, error)
+            except RETRYABLE as error:
+                failover.failed(node, error)
 
     def _timeout_s(self, remaining_ms: int | None) -> float:
         """How long to wait for a generate's answer: the remaining deadline plus slack for the
         server's reply (it ends the request at the deadline), else generate_timeout_s."""
         if remaining_ms is None:
-            return self.generate_timeout_s
+            return self.config.generate_timeout_s
         return remaining_ms / 1000 + DEADLINE_SLACK_S
 
     # -- generation
@@ -247,7 +247,7 @@ class Client:
                 report[address] = error
                 continue
             node.note_status(status)
-            report[address] = {spec[1]: getattr(status, spec[1]) for spec in status.thrift_spec.values()}
+            report[address] = to_dict(status)
         return report
 
 
@@ -264,6 +264,7 @@ class Stream:
         self.key = key
         self.deadline = deadline
         self.token_ids: list[int] = []
+        self.logprobs: list[float] = []   # per token, when the request asked for them
         self.text = ""
         self.result: Result | None = None
         self.server: str | None = None    # the server generating it now
@@ -281,31 +282,22 @@ class Stream:
         self._chunks.close()
 
     def _run(self) -> Iterator[str]:
-        tried: set[str] = set()
-        errors: dict[str, Exception] = {}
-        while self.result is None:
-            remaining_ms = remaining(self.deadline)
-            address = self.client._pick(self.key, tried)
-            if address is None:
-                raise exhausted(errors)
-            tried.add(address)
-            node = self.client.pool.nodes.get(address)
-            if node is None:
-                continue
+        failover = self.client.failover(self.key, self.deadline)
+        for node, remaining_ms in failover:
             try:
                 yield from self._on(node, remaining_ms)
-            except (ServerUnavailableError, OverloadedError) as error:
-                note_refusal(node, error)
-                errors[address] = error
+                break   # it returns only once the result is in
+            except RETRYABLE as error:
+                failover.failed(node, error)
                 if self.token_ids:
-                    self.failed_over_from.append(address)
-                    log.info("stream on %s broke after %d tokens (%s); resuming elsewhere", address,
-                             len(self.token_ids), error)
+                    self.failed_over_from.append(node.address)
+                    log.info("stream on %s broke after %d tokens; resuming elsewhere", node.address,
+                             len(self.token_ids))
         self._raise_for_ending()
 
     def _on(self, node: Node, remaining_ms: int | None) -> Iterator[str]:
         """Open (or resume) the stream on one node and relay its chunks until it is done."""
-        poll_timeout_s = STREAM_POLL_MS / 1000 + self.client.pool.config.read_timeout_s
+        poll_timeout_s = STREAM_POLL_MS / 1000 + self.client.config.read_timeout_s
         with node.connection() as connection:   # one connection throughout: closing it cancels the stream
             request = self._request_for(connection, remaining_ms)
             if request is None:
@@ -315,6 +307,7 @@ class Stream:
             while True:
                 chunk = connection.call("next_chunk", stream_id, STREAM_POLL_MS, timeout_s=poll_timeout_s)
                 self.token_ids += chunk.token_ids or []
+                self.logprobs += chunk.logprobs or []
                 if chunk.text:
                     self.text += chunk.text
                     yield chunk.text   # abandoned here, the connection closes: the server cancels the stream
@@ -334,15 +327,12 @@ class Stream:
             return None
         if self._prompt_ids is None:
             self._prompt_ids = self._prompt_ids_on(connection)
-        resumed = thrift.GenerateRequest(**{spec[1]: getattr(request, spec[1])
-                                            for spec in request.thrift_spec.values()})
-        resumed.prompt = resumed.messages = resumed.request_id = None
-        resumed.prompt_ids, resumed.resume_ids = self._prompt_ids, list(self.token_ids)
-        return resumed
+        return copy_struct(request, prompt=None, messages=None, request_id=None, prompt_ids=self._prompt_ids,
+                           resume_ids=list(self.token_ids))
 
     def _prompt_ids_on(self, connection) -> list[int]:
         """The prompt's ids as the server tokenizes them in generate (same model, same ids)."""
-        request, timeout_s = self.request, self.client.pool.config.read_timeout_s
+        request, timeout_s = self.request, self.client.config.read_timeout_s
         if request.prompt_ids is not None:
             return list(request.prompt_ids)
         if request.prompt is not None:
@@ -352,11 +342,16 @@ class Stream:
         return connection.call("tokenize", rendered, False, True, timeout_s=timeout_s)
 
     def _finish(self, last: Result) -> None:
-        """The whole result: all text and tokens; usage and timings from the server that finished."""
+        """The whole result: all text, tokens and logprobs; usage, timings and the alternatives of
+        each token from the server that finished (those of the servers that died went with them)."""
         prompt_tokens = len(self._prompt_ids) if self._prompt_ids is not None else last.usage.prompt_tokens
         last.usage = Usage(prompt_tokens=prompt_tokens, cached_prompt_tokens=last.usage.cached_prompt_tokens,
                            completion_tokens=len(self.token_ids))
         last.text, last.token_ids = self.text, list(self.token_ids)
+        last.logprobs = list(self.logprobs) if self.request.logprobs or self.request.top_logprobs else None
+        if self.request.top_logprobs:
+            received = last.top_logprobs or []
+            last.top_logprobs = [None] * (len(self.token_ids) - len(received)) + received
         last.failed_over_from = list(self.failed_over_from)
         self.result = last
 
@@ -369,38 +364,3 @@ class Stream:
             raise CancelledError("the request was cancelled", partial=result, server=result.server)
         if result.finish_reason == "error":
             raise ModelError("the model failed for this request", server=result.server)
-
-
-# -- helpers shared by generate and stream
-
-def deadline_from(deadline_ms: int | None) -> float | None:
-    if deadline_ms is None:
-        return None
-    if deadline_ms <= 0:
-        raise ValueError(f"deadline_ms must be positive, got {deadline_ms}")
-    return time.monotonic() + deadline_ms / 1000
-
-
-def remaining(deadline: float | None) -> int | None:
-    """Milliseconds left before the deadline (None without one); DeadlineExceededError once it passed."""
-    if deadline is None:
-        return None
-    left = int((deadline - time.monotonic()) * 1000)
-    if left <= 0:
-        raise DeadlineExceededError("the deadline passed before any server could answer")
-    return left
-
-
-def note_refusal(node: Node, error: RinglmError) -> None:
-    if isinstance(error, OverloadedError) and error.draining:
-        node.draining = True   # no new requests until its status says otherwise
-
-
-def exhausted(errors: dict[str, Exception]) -> RinglmError:
-    """The error for a request that every candidate node refused."""
-    if errors and all(isinstance(e, OverloadedError) and not e.draining for e in errors.values()):
-        wait_ms = min(e.retry_after_ms for e in errors.values())
-        return OverloadedError(f"all {len(errors)} servers are overloaded", retry_after_ms=wait_ms)
-    if not errors:
-        return NoServerAvailableError("no server is available")
-    return NoServerAvailableError(f"all {len(errors)} servers tried failed", errors)

@@ -1,11 +1,13 @@
 """Which servers make up the cluster: a static list, or ZooKeeper membership that servers join and leave.
 
 In ZooKeeper each server holds an ephemeral znode `<path>/<host:port>` whose
-data is JSON {"address", "weight", "model"}; it vanishes when the server's
-session ends (a crash included), and the server deletes it itself when it
-starts draining. Clients watch the children of `<path>` and hand the ring the
-new membership on every change. kazoo's gevent handler is used under gevent
-(a worker, or a monkey-patched client), its threading handler otherwise.
+data is JSON {"address", "weight", "model"} (`member_path`, `member_data` and
+`parse_member` are that format, for servers and clients alike); it vanishes
+when the server's session ends (a crash included), and the server deletes it
+itself when it starts draining (`ringlm.server.registration`). Clients watch
+the children of `<path>` and hand the ring the new membership on every
+change. kazoo's gevent handler is used under gevent (a worker, or a
+monkey-patched client), its threading handler otherwise.
 """
 
 from __future__ import annotations
@@ -15,7 +17,7 @@ import logging
 from collections.abc import Callable, Iterable, Mapping
 from typing import Protocol
 
-from ringlm.client.pool import split_address
+from ringlm.client.address import parse_server_list, split_address
 
 log = logging.getLogger(__name__)
 
@@ -36,9 +38,9 @@ class Discovery(Protocol):
 class StaticDiscovery:
     """A fixed list of "host:port" (weight 1 each) or a mapping "host:port" -> weight."""
 
-    def __init__(self, servers: Iterable[str] | Mapping[str, float]):
+    def __init__(self, servers: Iterable[str] | Mapping[str, float] | str):
         if isinstance(servers, str):
-            servers = [part.strip() for part in servers.split(",") if part.strip()]
+            servers = parse_server_list(servers)
         self.nodes = dict(servers) if isinstance(servers, Mapping) else {address: 1.0 for address in servers}
         if not self.nodes:
             raise ValueError("the server list is empty")
@@ -76,6 +78,16 @@ def zookeeper_client(hosts: str, timeout_s: float, gevent: bool | None = None):
         client.close()
         raise ConnectionError(f"ZooKeeper at {hosts} did not answer within {timeout_s:g} s: {error}") from None
     return client
+
+
+def member_path(path: str, address: str) -> str:
+    """The znode of the server at `address` in the membership folder `path`."""
+    return f"{path.rstrip('/')}/{address}"
+
+
+def member_data(address: str, weight: float, model: str) -> bytes:
+    """A server's znode data, as parse_member reads it."""
+    return json.dumps({"address": address, "weight": weight, "model": model}).encode()
 
 
 def parse_member(data: bytes, model: str | None) -> tuple[str, float] | None:
@@ -121,7 +133,7 @@ class ZooKeeperDiscovery:
         nodes = {}
         for child in children:
             try:
-                data, _ = self.zk.get(f"{self.path}/{child}")
+                data, _ = self.zk.get(member_path(self.path, child))
             except NoNodeError:
                 continue   # it left between the listing and the read
             member = parse_member(data, self.model)
@@ -134,56 +146,3 @@ class ZooKeeperDiscovery:
             self._closed = True
             self.zk.stop()
             self.zk.close()
-
-
-class Registration:
-    """A server's own ephemeral znode: created at start, re-created after a lost session, deleted on close."""
-
-    def __init__(self, hosts: str, address: str, weight: float = 1.0, model: str = "",
-                 path: str = DEFAULT_PATH, timeout_s: float = 10.0, gevent: bool | None = None):
-        from kazoo.protocol.states import KazooState
-
-        self.path = path.rstrip("/")
-        self.node_path = f"{self.path}/{address}"
-        self.data = json.dumps({"address": address, "weight": weight, "model": model}).encode()
-        self._lost_state = KazooState.LOST
-        self._session_lost = False
-        self._closed = False
-        self.zk = zookeeper_client(hosts, timeout_s, gevent)
-        self.zk.add_listener(self._state_changed)
-        self._create()
-        log.info("registered %s in ZooKeeper at %s", address, self.node_path)
-
-    def _create(self) -> None:
-        from kazoo.exceptions import NodeExistsError
-
-        if self._closed:
-            return
-        self.zk.ensure_path(self.path)
-        try:
-            self.zk.create(self.node_path, self.data, ephemeral=True)
-        except NodeExistsError:
-            # A previous life of this address whose session has not expired yet (a quick restart):
-            # replace it, or its expiry would take this server off the ring.
-            self.zk.delete(self.node_path)
-            self.zk.create(self.node_path, self.data, ephemeral=True)
-
-    def _state_changed(self, state) -> None:
-        """kazoo's listener (it must not block): after a lost session, re-register once connected again."""
-        if state == self._lost_state:
-            self._session_lost = True
-        elif state == "CONNECTED" and self._session_lost:
-            self._session_lost = False
-            self.zk.handler.spawn(self._create)
-
-    def close(self, timeout_s: float = 5.0) -> None:
-        """Leave the cluster now (clients stop routing here at once) and end the session."""
-        if self._closed:
-            return
-        self._closed = True
-        try:
-            self.zk.delete_async(self.node_path).get(timeout=timeout_s)
-        except Exception as error:   # ZooKeeper away or slow: best effort, the znode goes with the session
-            log.info("could not delete %s (%r); it goes when the session ends", self.node_path, error)
-        self.zk.stop()
-        self.zk.close()

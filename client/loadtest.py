@@ -23,8 +23,9 @@ import gevent
 import gevent.pool
 import numpy as np
 
+from ringlm.client.result import PRIORITIES
+
 PERCENTILES = (50, 90, 99)
-PRIORITIES = ("low", "normal", "high")
 
 
 @dataclass

@@ -27,6 +27,7 @@ from thriftpy2.protocol.cybin import TCyBinaryProtocol
 from thriftpy2.thrift import TApplicationException, TClient
 from thriftpy2.transport import TCyFramedTransport, TSocket, TSSLSocket, TTransportException
 
+from ringlm.client.address import split_address
 from ringlm.client.errors import RinglmError, ServerUnavailableError, UnauthorizedError, from_thrift
 from ringlm.idl import ringlm_thrift as thrift
 
@@ -50,15 +51,24 @@ class PoolConfig:
     ssl_context: ssl.SSLContext | None = None
 
 
-def split_address(address: str) -> tuple[str, int]:
-    host, sep, port = address.rpartition(":")
-    if not sep or not host or not port.isdigit():
-        raise ValueError(f"a server address is host:port, got {address!r}")
-    return host.strip("[]"), int(port)
+@contextmanager
+def typed_errors(address: str) -> Iterator[None]:
+    """Raise what talking to `address` fails with as the client's typed errors: the server's declared
+    Thrift exceptions as theirs, its undeclared failures as RinglmError, a broken or refused
+    connection (refused, reset, EOF, timeout, TLS) as ServerUnavailableError."""
+    try:
+        yield
+    except THRIFT_ERRORS as error:
+        raise from_thrift(error, address) from None
+    except TApplicationException as error:
+        raise RinglmError(f"server error: {error}", server=address) from None
+    except TRANSPORT_ERRORS as error:
+        raise ServerUnavailableError(f"{type(error).__name__}: {error}", server=address) from error
 
 
 class Connection:
-    """One framed binary-protocol connection to a server, with a timeout per call."""
+    """One framed binary-protocol connection to a server, with a timeout per call; it raises only
+    the client's typed errors."""
 
     def __init__(self, address: str, config: PoolConfig):
         self.address = address
@@ -70,7 +80,8 @@ class Connection:
         else:
             self.socket = TSocket(host, port, **timeouts)
         transport = TCyFramedTransport(self.socket)
-        transport.open()
+        with typed_errors(address):
+            transport.open()
         self.client = TClient(thrift.Generator, TCyBinaryProtocol(transport))
         self.last_used = time.monotonic()
         if config.auth_token is not None:
@@ -81,12 +92,9 @@ class Connection:
                 raise
 
     def call(self, method: str, *args, timeout_s: float):
-        """One call; the server's declared Thrift exceptions come back as the client's typed errors."""
         self.socket.set_timeout(max(timeout_s, 0.001) * 1000)
-        try:
+        with typed_errors(self.address):
             return getattr(self.client, method)(*args)
-        except THRIFT_ERRORS as error:
-            raise from_thrift(error, self.address) from None
 
     def close(self) -> None:
         self.socket.close()
@@ -122,7 +130,7 @@ class Node:
     def note_status(self, status: thrift.ServerStatus) -> None:
         """Take in a status: draining, and the load beyond ours (the server counts our calls too, and
         ours are counted live, so a report never outlives the requests of ours it included)."""
-        self.draining = bool(status.draining)
+        self.draining = bool(status.draining) or status.ready is False   # not ready: no new work either
         self.others_load = max(0, status.running + sum((status.waiting or {}).values()) - self.in_flight)
 
     @property
@@ -144,10 +152,10 @@ class Node:
     def connection(self) -> Iterator[Connection]:
         """A connection held for one call or one stream (it counts as in flight meanwhile).
 
-        A transport failure closes it, ejects the node and raises ServerUnavailableError. It goes
-        back to the pool only when the server's last answer was read whole (a result or a typed
-        error other than Unauthorized); anything else, a stream abandoned mid-way included, closes
-        it, which also makes the server cancel what the connection had open.
+        A transport failure (ServerUnavailableError) closes it and ejects the node. It goes back to
+        the pool only when the server's last answer was read whole (a result or a typed error other
+        than Unauthorized); anything else, a stream abandoned mid-way included, closes it, which also
+        makes the server cancel what the connection had open.
         """
         with self._lock:   # threads share nodes: += is not atomic
             self.in_flight += 1
@@ -158,17 +166,14 @@ class Node:
             yield connection
             reusable = True
             self.backoff_s = self.config.first_backoff_s   # it answered: the next ejection starts short again
+        except ServerUnavailableError as error:
+            self.eject(error.message)
+            raise
         except UnauthorizedError:
             raise   # the connection was never authorized: not reusable
         except RinglmError:
-            reusable = True   # a typed answer (some are OSErrors too: keep them from the next clause)
+            reusable = True   # a typed answer, read whole
             raise
-        except TRANSPORT_ERRORS as error:
-            self.eject(f"{type(error).__name__}: {error}")
-            raise ServerUnavailableError(f"{type(error).__name__}: {error}", server=self.address) from error
-        except TApplicationException as error:
-            reusable = True
-            raise RinglmError(f"server error: {error}", server=self.address) from None
         finally:
             with self._lock:
                 self.in_flight -= 1

@@ -1,4 +1,4 @@
-"""What a generation returns to the user: plain dataclasses, free of Thrift types."""
+"""What a generation returns to the user: plain dataclasses free of Thrift types, and the names of the IDL's enums."""
 
 from __future__ import annotations
 
@@ -7,9 +7,11 @@ from dataclasses import dataclass, field
 
 from ringlm.idl import ringlm_thrift as thrift
 
-FINISH_REASONS = {thrift.FinishReason.STOP: "stop", thrift.FinishReason.LENGTH: "length",
-                  thrift.FinishReason.DEADLINE: "deadline", thrift.FinishReason.CANCELLED: "cancelled",
-                  thrift.FinishReason.ERROR: "error"}
+# The IDL's enums under the lower-case names users write and read ("stop", "high").
+FINISH_REASONS = {value: name.lower() for value, name in thrift.FinishReason._VALUES_TO_NAMES.items()}
+PRIORITIES = {name.lower(): value for name, value in thrift.Priority._NAMES_TO_VALUES.items()}
+
+TokenAlternatives = list[tuple[int, float]]   # (token id, logprob), likeliest first
 
 
 @dataclass
@@ -30,7 +32,12 @@ class Timings:
 @dataclass
 class Result:
     """One finished generation. After a stream failover, `server` is the server that finished it,
-    `failed_over_from` the ones that died under it, and usage/timings are the last server's."""
+    `failed_over_from` the ones that died under it, and usage/timings are the last server's.
+
+    `logprobs` (when asked for with logprobs or top_logprobs) holds each new token's log-probability;
+    `top_logprobs` (when asked for) each new token's likeliest alternatives. A stream that failed over
+    has None in place of the alternatives of tokens a dead server sent: they went with it.
+    """
 
     text: str
     token_ids: list[int]
@@ -41,6 +48,7 @@ class Result:
     request_id: str = ""
     stop_reason: str | None = None
     logprobs: list[float] | None = None
+    top_logprobs: list[TokenAlternatives | None] | None = None
     failed_over_from: list[str] = field(default_factory=list)
 
     def to_dict(self) -> dict:
@@ -57,4 +65,11 @@ def result_from_thrift(result: thrift.GenerateResult) -> Result:
         timings=Timings(timings.queue_ms or 0.0, timings.ttft_ms or 0.0, timings.total_ms or 0.0,
                         timings.per_token_ms or 0.0),
         server=result.server or "", request_id=result.request_id or "", stop_reason=result.stop_reason,
-        logprobs=list(result.logprobs) if result.logprobs is not None else None)
+        logprobs=list(result.logprobs) if result.logprobs is not None else None,
+        top_logprobs=alternatives_from_thrift(result.top_logprobs))
+
+
+def alternatives_from_thrift(rows: list[list[thrift.TokenLogprob]] | None) -> list[TokenAlternatives] | None:
+    if rows is None:
+        return None
+    return [[(alternative.token_id, alternative.logprob) for alternative in row] for row in rows]

@@ -68,9 +68,6 @@ class Ring:
     def __len__(self) -> int:
         return len(self._weights)
 
-    def __contains__(self, node: str) -> bool:
-        return node in self._weights
-
     def add(self, node: str, weight: float = 1) -> None:
         self._check(node, weight)
         self._weights[node] = weight

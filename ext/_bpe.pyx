@@ -640,5 +640,3 @@ cdef class BytePairEncoder:
         """The byte values that no single token stands for (dropped when met)."""
         return [b for b in range(256) if self.byte_ids[b] < 0]
 
-    def special_ids(self) -> list:
-        return list(self.specials)

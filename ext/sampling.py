@@ -70,6 +70,10 @@ CPU_CANDIDATES = 64
 _CORES = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
 THREADS = 1 if _CORES <= 4 else _CORES - 2
 
+# repetition_penalty's range: wide enough for any practical use (vLLM and transformers take 1-2),
+# narrow enough that logit * penalty and logit / penalty of a real model's logits stay finite.
+MIN_REPETITION_PENALTY, MAX_REPETITION_PENALTY = 0.01, 100.0
+
 # The parameter table the core reads: one row of float64 per request, columns in its order.
 _COLUMNS = _sampling.COLUMN_NAMES
 _COLUMN = {name: column for column, name in enumerate(_COLUMNS)}
@@ -128,7 +132,10 @@ class SamplingParams:
         _integer("SamplingParams.top_k", self.top_k, 0, 2**31 - 1)
         _finite("SamplingParams.top_p", self.top_p, 0.0, 1.0, low_open=True)
         _finite("SamplingParams.min_p", self.min_p, 0.0, 1.0)
-        _finite("SamplingParams.repetition_penalty", self.repetition_penalty, 0.0, math.inf, low_open=True)
+        # Bounded so a penalised logit stays a float32: 1e39 would turn every repeated logit into
+        # inf or NaN, a row with no distribution, reported as if the model had failed.
+        _finite("SamplingParams.repetition_penalty", self.repetition_penalty, MIN_REPETITION_PENALTY,
+                MAX_REPETITION_PENALTY)
         _finite("SamplingParams.presence_penalty", self.presence_penalty, -2.0, 2.0)
         _finite("SamplingParams.frequency_penalty", self.frequency_penalty, -2.0, 2.0)
         if self.seed is not None:

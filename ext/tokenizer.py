@@ -5,6 +5,7 @@ or a Hugging Face `tokenizer.json` folder, and gives exactly the ids Hugging
 Face `tokenizers` gives with the model's original pre-tokenizer. The hot loops
 (splitting and merging) live in `_bpe.pyx`; this module is the policy around
 them: which split rule, which special tokens, text <-> UTF-8, chat templates.
+Reading the files into a `TokenizerSpec` is `tokenizer_files.py`'s job.
 """
 
 from __future__ import annotations
@@ -13,42 +14,15 @@ import codecs
 import json
 import os
 import unicodedata
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Iterable, Sequence
 
 import jinja2
 import jinja2.sandbox
 
-from ringlm.ext import _bpe
-
-# GGUF `tokenizer.ggml.pre` values (as llama.cpp names them) -> split rules.
-SPLIT_RULES = {
-    "gpt2": _bpe.SPLIT_GPT2,
-    "gpt-2": _bpe.SPLIT_GPT2,
-    "smollm": _bpe.SPLIT_SMOLLM,
-    "llama-bpe": _bpe.SPLIT_LLAMA3,
-    "llama3": _bpe.SPLIT_LLAMA3,
-    "llama-v3": _bpe.SPLIT_LLAMA3,
-    "qwen2": _bpe.SPLIT_QWEN2,
-}
-
-# The split regexes of Hugging Face tokenizer.json files, for from_pretrained.
-LLAMA3_PATTERN = (r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}"
-                  r"| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+")
-QWEN2_PATTERN = (r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}"
-                 r"| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+")
-GPT2_PATTERN = r"'s|'t|'re|'ve|'m|'ll|'d| ?\p{L}+| ?\p{N}+| ?[^\s\p{L}\p{N}]+|\s+(?!\S)|\s+"
-PATTERN_RULES = {LLAMA3_PATTERN: _bpe.SPLIT_LLAMA3, QWEN2_PATTERN: _bpe.SPLIT_QWEN2,
-                 GPT2_PATTERN: _bpe.SPLIT_GPT2}
-
-# GGUF token types (llama.cpp's llama_token_type).
-TOKEN_CONTROL = 3
-TOKEN_USER_DEFINED = 4
-
-
-class TokenizerLoadError(ValueError):
-    """A tokenizer file that is missing, corrupt or of a kind ringlm does not support."""
+from ringlm.ext import _bpe, usable_cores
+from ringlm.ext.model_files import resolve_model_path
+from ringlm.ext.tokenizer_files import TokenizerLoadError, TokenizerSpec, read_gguf_spec, read_hf_spec
 
 
 def bytes_to_unicode() -> dict[int, str]:
@@ -95,25 +69,6 @@ def check_text(text: str) -> None:
                          "it is not valid Unicode and cannot be tokenized") from None
 
 
-@dataclass
-class TokenizerSpec:
-    """Everything a Tokenizer is built from, whatever the file format."""
-
-    tokens: list[str]                  # vocabulary entries in byte-level form, by id
-    merges: list[tuple[str, str]]      # by rank
-    split_rule: int
-    special_ids: list[int] = field(default_factory=list)   # matched in text, skipped in decode
-    added_ids: list[int] = field(default_factory=list)     # matched in text, kept in decode
-    bos_id: int | None = None
-    eos_id: int | None = None
-    add_bos: bool = False
-    add_eos: bool = False
-    chat_template: str | None = None
-    ignore_merges: bool = False
-    normalize_nfc: bool = False
-    source: str = "<memory>"
-
-
 class Tokenizer:
     """Byte-level BPE tokenizer.
 
@@ -151,19 +106,16 @@ class Tokenizer:
     @classmethod
     def from_gguf(cls, path: str | os.PathLike) -> Tokenizer:
         """Load from a GGUF model file's `tokenizer.*` metadata."""
-        from ringlm.ext.tokenizer_files import read_gguf_spec
         return cls(read_gguf_spec(Path(path)))
 
     @classmethod
     def from_pretrained(cls, folder: str | os.PathLike) -> Tokenizer:
         """Load from a Hugging Face folder (tokenizer.json, optional tokenizer_config.json)."""
-        from ringlm.ext.tokenizer_files import read_hf_spec
         return cls(read_hf_spec(Path(folder)))
 
     @classmethod
     def from_model(cls, name: str | os.PathLike = "default") -> Tokenizer:
         """Load the tokenizer of a `--model` value: "default", a .gguf file or a HF folder."""
-        from ringlm.models import resolve_model_path
         path = resolve_model_path(name)
         return cls.from_pretrained(path) if path.is_dir() else cls.from_gguf(path)
 
@@ -184,10 +136,6 @@ class Tokenizer:
     @property
     def special_ids(self) -> list[int]:
         return list(self.spec.special_ids)
-
-    @property
-    def split_rule(self) -> int:
-        return self.spec.split_rule
 
     def token_to_id(self, token: str) -> int | None:
         """Id of a vocabulary entry as the vocabulary spells it (e.g. 'Ġthe'), or None."""
@@ -246,7 +194,7 @@ class Tokenizer:
         num_threads=0 uses every core this process may run on.
         """
         if num_threads <= 0:
-            num_threads = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+            num_threads = usable_cores()
         texts = [self._prepare(text) for text in texts]
         batch = self._encode_checked(
             lambda: self._core.encode_batch(texts, parse_special, num_threads), texts)
@@ -295,9 +243,6 @@ class IncrementalDecoder:
     def feed(self, token_id: int) -> str:
         """The complete text that token_id finishes (may be '')."""
         return self._utf8.decode(self._tokenizer._core.decode((token_id,), self._skip))
-
-    def feed_many(self, token_ids: Iterable[int]) -> str:
-        return self._utf8.decode(self._tokenizer._core.decode(token_ids, self._skip))
 
     def flush(self) -> str:
         """Whatever is held back, as U+FFFD (the stream ended inside a character)."""

@@ -1,4 +1,8 @@
-"""Reads a TokenizerSpec from a GGUF model file or a Hugging Face tokenizer folder.
+"""Tokenizer files: the TokenizerSpec they describe, read from a GGUF model file or a Hugging Face folder.
+
+Everything that knows a file format lives here (GGUF's pre-tokenizer names and
+token types, the split regexes of tokenizer.json); `tokenizer.py` builds the
+encoder from the spec and parses no file format.
 
 Every failure is a TokenizerLoadError (or FileNotFoundError) that names the
 file and says what is wrong with it.
@@ -16,10 +20,57 @@ import hashlib
 import json
 import os
 import tempfile
+from dataclasses import dataclass, field
 from pathlib import Path
 
-from ringlm.ext.tokenizer import (PATTERN_RULES, SPLIT_RULES, TOKEN_CONTROL, TOKEN_USER_DEFINED,
-                                  TokenizerLoadError, TokenizerSpec, _bpe)
+from ringlm.ext import _bpe
+
+# GGUF `tokenizer.ggml.pre` values (as llama.cpp names them) -> split rules.
+SPLIT_RULES = {
+    "gpt2": _bpe.SPLIT_GPT2,
+    "gpt-2": _bpe.SPLIT_GPT2,
+    "smollm": _bpe.SPLIT_SMOLLM,
+    "llama-bpe": _bpe.SPLIT_LLAMA3,
+    "llama3": _bpe.SPLIT_LLAMA3,
+    "llama-v3": _bpe.SPLIT_LLAMA3,
+    "qwen2": _bpe.SPLIT_QWEN2,
+}
+
+# The split regexes of Hugging Face tokenizer.json files, for from_pretrained.
+LLAMA3_PATTERN = (r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}"
+                  r"| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+")
+QWEN2_PATTERN = (r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}"
+                 r"| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+")
+GPT2_PATTERN = r"'s|'t|'re|'ve|'m|'ll|'d| ?\p{L}+| ?\p{N}+| ?[^\s\p{L}\p{N}]+|\s+(?!\S)|\s+"
+PATTERN_RULES = {LLAMA3_PATTERN: _bpe.SPLIT_LLAMA3, QWEN2_PATTERN: _bpe.SPLIT_QWEN2,
+                 GPT2_PATTERN: _bpe.SPLIT_GPT2}
+
+# GGUF token types (llama.cpp's llama_token_type).
+TOKEN_CONTROL = 3
+TOKEN_USER_DEFINED = 4
+
+
+class TokenizerLoadError(ValueError):
+    """A tokenizer file that is missing, corrupt or of a kind ringlm does not support."""
+
+
+@dataclass
+class TokenizerSpec:
+    """Everything a Tokenizer is built from, whatever the file format."""
+
+    tokens: list[str]                  # vocabulary entries in byte-level form, by id
+    merges: list[tuple[str, str]]      # by rank
+    split_rule: int
+    special_ids: list[int] = field(default_factory=list)   # matched in text, skipped in decode
+    added_ids: list[int] = field(default_factory=list)     # matched in text, kept in decode
+    bos_id: int | None = None
+    eos_id: int | None = None
+    add_bos: bool = False
+    add_eos: bool = False
+    chat_template: str | None = None
+    ignore_merges: bool = False
+    normalize_nfc: bool = False
+    source: str = "<memory>"
 
 
 # ---------------------------------------------------------------- GGUF

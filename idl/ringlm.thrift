@@ -10,8 +10,8 @@
 // list, set or map whose element types are not the ones declared here, a string
 // that is not UTF-8) gets TApplicationException PROTOCOL_ERROR and the
 // connection stays usable. On a server that requires authenticate(), a call of
-// any other method but health() before it gets Unauthorized, its arguments
-// unread; health() and authenticate() must then fit in 4 KiB.
+// any other method but health() and ready() before it gets Unauthorized, its
+// arguments unread; those two and authenticate() must then fit in 4 KiB.
 //
 // Conventions: durations are milliseconds (fields end in _ms); token ids are
 // the model's vocabulary ids; text is UTF-8. Optional fields left unset take
@@ -47,15 +47,19 @@ struct ChatMessage {
 
 /**
  * How the next token is chosen. Order: penalties, temperature, top-k, top-p, min-p.
- * A request with the same prompt, options and seed gives the same tokens on any
- * server, whatever else is batched with it.
+ * The random draw for each position depends only on the seed and the position, so a
+ * request with the same prompt, options and seed, run on the same model, gets the same
+ * draws on any server and in any batch. Caveat: the logits themselves can differ in
+ * their last bits with the shape of the batch a request shares (float rounding in the
+ * matrix multiplies), so a token whose top choices are that close can still change;
+ * greedy and filtered sampling (top_k, top_p) keep that rare, but it is not guaranteed.
  */
 struct SamplingOptions {
   1: optional double temperature = 1.0,         // 0 = greedy (argmax)
   2: optional i32 top_k = 0,                    // 0 = off
   3: optional double top_p = 1.0,               // in (0, 1]; 1 = off
   4: optional double min_p = 0.0,               // in [0, 1]; 0 = off
-  5: optional double repetition_penalty = 1.0,  // > 0; 1 = off
+  5: optional double repetition_penalty = 1.0,  // in [0.01, 100]; 1 = off
   6: optional double presence_penalty = 0.0,    // in [-2, 2]
   7: optional double frequency_penalty = 0.0,   // in [-2, 2]
   8: optional i64 seed,                         // unset: the server picks one
@@ -78,7 +82,7 @@ struct GenerateRequest {
   10: optional string request_id,              // for cancel(); unset: the server makes one
   11: optional string session,                 // routing key of the conversation (used by clients)
   12: optional bool logprobs = false,          // return each token's log-probability
-  13: optional i32 top_logprobs = 0,           // and this many best alternatives per token (<= 20)
+  13: optional i32 top_logprobs = 0,           // and this many best alternatives per token (server limit, 20 by default)
   14: optional bool ignore_eos = false,        // keep going past the end-of-sequence token
   15: optional bool add_generation_prompt = true,  // for messages: end with the assistant's turn
   /**
@@ -153,6 +157,8 @@ struct ServerStatus {
   19: string dtype,
   20: double uptime_s,
   21: i64 pid,
+  22: bool ready,                // takes new work: engine loop running, no step stuck past the watchdog, not draining
+  23: string not_ready_reason,   // why not, when ready is false
 }
 
 /** A field of the request is wrong; message says how to fix it. */
@@ -196,7 +202,11 @@ service Generator {
       throws (1: InvalidRequest invalid, 2: Overloaded overloaded, 3: DeadlineExceeded deadline,
               4: Cancelled cancelled, 5: Unauthorized unauthorized, 6: ModelError model_error),
 
-  /** Start a streamed generation; returns its stream id (the request id). */
+  /**
+   * Start a streamed generation; returns its stream id (the request id: the caller's,
+   * or one the server makes that nobody can guess). Only the connection that opened a
+   * stream can poll it; a request_id that names a stream still open is InvalidRequest.
+   */
   string open_stream(1: GenerateRequest request)
       throws (1: InvalidRequest invalid, 2: Overloaded overloaded, 5: Unauthorized unauthorized),
 
@@ -210,7 +220,7 @@ service Generator {
   StreamChunk next_chunk(1: string stream_id, 2: i32 wait_ms)
       throws (1: InvalidRequest invalid, 5: Unauthorized unauthorized, 6: ModelError model_error),
 
-  /** End a request at the next step; false if the server does not know it. */
+  /** End a request at the next step, from any connection that knows its id; false if the server does not know it. */
   bool cancel(1: string request_id) throws (5: Unauthorized unauthorized),
 
   list<i32> tokenize(1: string text, 2: bool add_special_tokens, 3: bool parse_special)
@@ -225,8 +235,15 @@ service Generator {
 
   ServerStatus status() throws (5: Unauthorized unauthorized),
 
-  /** Cheap liveness check; answers without authentication. */
+  /** Liveness: true while the worker's engine loop runs; answers without authentication. */
   bool health(),
+
+  /**
+   * Readiness: true when the server takes new work (model loaded, engine loop running, no
+   * model step stuck longer than the server's step timeout, not draining); answers without
+   * authentication. Load balancers and the ring client route only to ready servers.
+   */
+  bool ready(),
 
   /** Present the shared token; the rest of this connection is then authorized. */
   void authenticate(1: string token) throws (5: Unauthorized unauthorized),

@@ -12,6 +12,7 @@ import sys
 import threading
 import time
 
+from ringlm.client.probe import answers_health
 from ringlm.server.config import WorkerConfig
 from ringlm.server.supervisor import Supervisor
 
@@ -21,42 +22,23 @@ READY_TIMEOUT_S = 600.0   # loading a model on a busy 2-core machine can take a 
 POLL_S = 0.25
 
 
-def answers_health(host: str, port: int) -> bool:
-    from thriftpy2.protocol import TCyBinaryProtocolFactory
-    from thriftpy2.rpc import make_client
-    from thriftpy2.transport import TCyFramedTransportFactory
-
-    from ringlm.idl import ringlm_thrift as thrift
-    try:
-        client = make_client(thrift.Generator, host, port, timeout=2000,
-                             proto_factory=TCyBinaryProtocolFactory(), trans_factory=TCyFramedTransportFactory())
-    except Exception:   # refused: not listening yet
-        return False
-    try:
-        return bool(client.health())
-    except Exception:
-        return False
-    finally:
-        client.close()
-
-
 def wait_until_healthy(addresses: list[tuple[str, int]], timeout_s: float = READY_TIMEOUT_S,
                        stopping=lambda: False) -> bool:
     """True once every (host, port) answers health; False on timeout or when stopping() turns true."""
     deadline = time.monotonic() + timeout_s
     waiting = list(addresses)
     while waiting and time.monotonic() < deadline and not stopping():
-        waiting = [address for address in waiting if not answers_health(*address)]
+        waiting = [(host, port) for host, port in waiting if not answers_health(f"{host}:{port}")]
         if waiting:
             time.sleep(POLL_S)
     return not waiting
 
 
-def cluster(config: WorkerConfig, servers: int) -> int:
-    """Run `servers` workers until SIGTERM/SIGINT; print their addresses once all are healthy."""
+def cluster(config: WorkerConfig, count: int) -> int:
+    """Run `count` workers until SIGTERM/SIGINT; print their addresses once all are healthy."""
     logging.basicConfig(level=logging.INFO, stream=sys.stderr,
                         format="%(asctime)s %(levelname)s %(name)s [cluster] %(message)s")
-    supervisor = Supervisor(config, servers)
+    supervisor = Supervisor(config, count)
     host = "127.0.0.1" if config.host in ("0.0.0.0", "") else config.host
     addresses = [(host, worker.config.port) for worker in supervisor.workers]
 

@@ -10,6 +10,7 @@ and `EngineLoop` steps it while there is work and sleeps when there is none.
 from __future__ import annotations
 
 import logging
+import time
 
 import gevent
 import gevent.event
@@ -34,11 +35,24 @@ def gevent_engine(model: Llama, tokenizer: Tokenizer, config: EngineConfig | Non
 
 
 class EngineLoop:
-    """Steps the engine in a greenlet until `stop`; a step that raises fails its requests, not the loop."""
+    """Steps the engine in a greenlet until `stop`; a step that raises fails its requests, not the loop.
+
+    It also notes when the current step began, so a watchdog (`stuck_for`) can tell a model step
+    that never returns (a hung kernel, a deadlocked native thread) from a loop that is merely busy.
+    """
 
     def __init__(self, engine: Engine):
         self.engine = engine
         self._greenlet: gevent.Greenlet | None = None
+        self._step_started: float | None = None   # time.monotonic() while a step runs
+
+    @property
+    def running(self) -> bool:
+        return self._greenlet is not None and not self._greenlet.dead
+
+    def stuck_for(self, now: float) -> float:
+        """Seconds the current step has run (0 between steps)."""
+        return 0.0 if self._step_started is None else now - self._step_started
 
     def start(self) -> gevent.Greenlet:
         if self._greenlet is None or self._greenlet.dead:
@@ -53,12 +67,15 @@ class EngineLoop:
     def _run(self) -> None:
         engine = self.engine
         while True:
+            self._step_started = time.monotonic()
             try:
                 ran = engine.step()
             except Exception:
                 log.exception("engine step failed; failing its %d running requests", len(engine.scheduler.running))
                 engine.fail_running()
                 ran = True
+            finally:
+                self._step_started = None
             if ran:
                 gevent.sleep(0)   # let handlers read outputs between steps
             else:

@@ -9,9 +9,9 @@ goes away cancels its own work and nobody else's.
 from __future__ import annotations
 
 import hmac
-import itertools
 import logging
 import os
+import secrets
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -21,6 +21,8 @@ import gevent
 from ringlm.ext.sampling import SamplingParams
 from ringlm.ext.tokenizer import Tokenizer
 from ringlm.idl import ringlm_thrift as thrift
+from ringlm.server.config import ServiceLimits
+from ringlm.server.engine_loop import EngineLoop
 from ringlm.server.engine import (Engine, FinishReason, GenerationRequest, GenerationResult, InvalidRequest,
                                   Overloaded, Priority, RequestHandle)
 
@@ -31,24 +33,9 @@ request_log = logging.getLogger("ringlm.requests")
 FINISH_REASONS = {reason: getattr(thrift.FinishReason, reason.name) for reason in FinishReason}
 MODEL_ERROR_MESSAGE = "the model produced invalid logits (NaN or all -inf) for this request"
 NOT_AUTHENTICATED = "this server requires authenticate(token) first on each connection"
-AUTH_FREE_METHODS = frozenset({"health", "authenticate"})   # callable before authenticate()
+AUTH_FREE_METHODS = frozenset({"health", "ready", "authenticate"})   # callable before authenticate()
 SAMPLING_FIELDS = ("temperature", "top_k", "top_p", "min_p", "repetition_penalty", "presence_penalty",
                    "frequency_penalty", "seed", "logit_bias")
-
-
-@dataclass
-class ServiceLimits:
-    """Per-request limits beyond the engine's (prompt length, max_tokens)."""
-
-    max_open_streams: int = 256
-    stream_idle_timeout_s: float = 60.0   # a stream nobody polls this long is cancelled
-    max_wait_ms: int = 30_000             # longest next_chunk long-poll
-    max_stop_strings: int = 16
-    max_stop_length: int = 256            # characters per stop string
-    max_logit_bias: int = 1024            # entries
-    max_messages: int = 512
-    max_deadline_ms: int = 24 * 3600 * 1000
-    max_request_id_length: int = 128      # ids end up in logs and metrics
 
 
 @dataclass
@@ -62,9 +49,10 @@ class OpenStream:
 class Service:
     """Everything the connections of one worker share."""
 
-    def __init__(self, engine: Engine, tokenizer: Tokenizer, server_name: str, model_name: str,
+    def __init__(self, engine_loop: EngineLoop, tokenizer: Tokenizer, server_name: str, model_name: str,
                  limits: ServiceLimits | None = None, auth_token: str | None = None, metrics=None):
-        self.engine = engine
+        self.engine_loop = engine_loop
+        self.engine: Engine = engine_loop.engine
         self.tokenizer = tokenizer
         self.server_name = server_name
         self.model_name = model_name
@@ -75,11 +63,10 @@ class Service:
         self.connections = 0
         self.draining = False
         self.started = time.monotonic()
-        self._ids = itertools.count(1)
-        self._id_prefix = f"{server_name}-{os.getpid()}-{int(time.time())}"
 
     def new_request_id(self) -> str:
-        return f"{self._id_prefix}-{next(self._ids)}"
+        """An id nobody can guess: `cancel` and stream ids are only as private as the request id."""
+        return f"{self.server_name}-{secrets.token_hex(12)}"
 
     def reap_idle_streams(self) -> None:
         """Cancel streams nobody polled within the idle timeout (the worker calls this periodically)."""
@@ -92,17 +79,31 @@ class Service:
                 self.streams.pop(stream_id, None)
                 stream.owner.opened_streams.discard(stream_id)
 
+    def not_ready_because(self) -> str | None:
+        """Why this worker should get no new work now, or None when it is ready (readiness: the model is
+        loaded, since the Service exists; the engine loop runs and is not stuck in a step; not draining)."""
+        if self.draining:
+            return "draining"
+        if not self.engine_loop.running:
+            return "the engine loop is not running"
+        stuck = self.engine_loop.stuck_for(time.monotonic())
+        if stuck > self.limits.step_timeout_s:
+            return f"a model step has run for {stuck:.0f} s (the watchdog's limit is {self.limits.step_timeout_s:g} s)"
+        return None
+
     def stats(self) -> dict:
-        """The engine's stats plus this worker's streams, connections and draining flag."""
+        """The engine's stats plus this worker's streams, connections, draining and readiness."""
         return {**self.engine.stats(), "open_streams": len(self.streams), "connections": self.connections,
-                "draining": self.draining}
+                "draining": self.draining, "ready": self.not_ready_because() is None}
 
     def status(self) -> thrift.ServerStatus:
         stats = self.engine.stats()
         waiting = stats["waiting"]
         slots = stats["slots"]
+        not_ready = self.not_ready_because()
         return thrift.ServerStatus(
             server=self.server_name, model=self.model_name, draining=self.draining,
+            ready=not_ready is None, not_ready_reason=not_ready or "",
             running=stats["running"], waiting=waiting, slots=slots, slots_busy=stats["slots_busy"],
             load=(stats["running"] + sum(waiting.values())) / max(slots, 1),
             prefix_cache_lookups=stats["prefix_cache_lookups"], prefix_cache_hits=stats["prefix_cache_hits"],
@@ -158,7 +159,12 @@ class ConnectionHandler:
             raise thrift.Unauthorized(message=NOT_AUTHENTICATED)
 
     def health(self) -> bool:
-        return True
+        """Liveness: the process answers and its engine loop runs (a dead loop also exits the worker)."""
+        return self.service.engine_loop.running
+
+    def ready(self) -> bool:
+        """Readiness: whether to send this worker new work (see Service.not_ready_because)."""
+        return self.service.not_ready_because() is None
 
     # -- generation
 
@@ -193,6 +199,9 @@ class ConnectionHandler:
         if len(self.service.streams) >= limit:
             raise thrift.Overloaded(message=f"{limit} streams are open, the server's limit",
                                     retry_after_ms=1000, draining=self.service.draining)
+        if request is not None and request.request_id in self.service.streams:
+            # A finished stream whose last chunk nobody read yet keeps its id until it is read.
+            raise invalid("request_id", f"'{request.request_id}' names a stream that is still open")
         handle = self._submit(request)
         self.service.streams[handle.request_id] = OpenStream(
             handle, self, logprobs=request.logprobs or bool(request.top_logprobs))
@@ -204,8 +213,9 @@ class ConnectionHandler:
         if wait_ms is None or wait_ms < 0:
             raise invalid("wait_ms", "must be >= 0")
         stream = self.service.streams.get(stream_id)
-        if stream is None:
-            raise invalid("stream_id", f"no open stream '{stream_id}' on this server")
+        if stream is None or stream.owner is not self:
+            # Another connection's stream is as good as absent: its chunks are its owner's alone.
+            raise invalid("stream_id", f"no open stream '{stream_id}' on this connection")
         stream.last_polled = time.monotonic()
         output = stream.handle.poll(min(wait_ms, self.service.limits.max_wait_ms) / 1000)
         chunk = thrift.StreamChunk(token_ids=output.token_ids, text=output.text, done=False,
@@ -281,6 +291,10 @@ class ConnectionHandler:
         limits = self.service.limits
         if request.request_id is not None and not 0 < len(request.request_id) <= limits.max_request_id_length:
             raise invalid("request_id", f"must be 1..{limits.max_request_id_length} characters")
+        if request.session is not None and len(request.session) > limits.max_session_length:
+            raise invalid("session", f"at most {limits.max_session_length} characters")
+        if len(request.stop_token_ids or ()) > limits.max_stop_token_ids:
+            raise invalid("stop_token_ids", f"at most {limits.max_stop_token_ids} stop token ids")
         stop = list(request.stop or [])
         if len(stop) > limits.max_stop_strings or any(len(s) > limits.max_stop_length for s in stop):
             raise invalid("stop", f"at most {limits.max_stop_strings} stop strings of at most "

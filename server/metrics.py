@@ -34,6 +34,7 @@ class EngineCollector(Collector):
         "open_streams": "Streams opened and not yet finished or reaped.",
         "connections": "Open client connections.",
         "draining": "1 while the worker drains after SIGTERM.",
+        "ready": "1 while the worker takes new work (engine loop running and not stuck, not draining).",
     }
     COUNTERS = {
         "prefix_cache_lookups": "Admissions that looked for a cached prompt prefix.",

@@ -16,7 +16,7 @@ import signal
 import subprocess
 import sys
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 from ringlm.server.config import WorkerConfig, config_to_argv
 
@@ -36,13 +36,12 @@ class WorkerProcess:
     started: float = 0.0
     backoff_s: float = FIRST_BACKOFF_S
     restart_at: float = 0.0
-    restarts: int = field(default=0)
 
 
 class Supervisor:
     def __init__(self, config: WorkerConfig, workers: int):
         if workers < 1:
-            raise ValueError("--workers must be at least 1")
+            raise ValueError(f"a supervisor needs at least one worker, got {workers}")
         self.workers = [WorkerProcess(worker_config(config, index)) for index in range(workers)]
         self.stopping = False
 
@@ -68,7 +67,6 @@ class Supervisor:
         for worker in self.workers:
             if worker.process is None:
                 if now >= worker.restart_at:
-                    worker.restarts += 1
                     self.start(worker)
                 continue
             code = worker.process.poll()

@@ -10,9 +10,9 @@ is checked by `wire` and then parsed by thriftpy2's Cython binary protocol
 from memory. Between calls a connection may stay silent for `idle_timeout_s`.
 
 The model and sampler run in gevent's threadpool (`engine_loop`), so the hub
-keeps answering sockets during a model step. SIGTERM drains: stop
-accepting, refuse new generations with Overloaded(draining=True), finish what
-is running within `drain_grace_s`, exit 0.
+keeps answering sockets during a model step. SIGTERM drains: stop accepting,
+refuse new generations with Overloaded(draining=True), finish what is running
+within `drain_grace_s`, exit 0.
 """
 
 from __future__ import annotations
@@ -26,7 +26,6 @@ import socket
 import struct
 import sys
 import time
-from pathlib import Path
 
 import gevent
 import gevent.event
@@ -38,10 +37,11 @@ from thriftpy2.protocol.cybin import TCyBinaryProtocol
 from thriftpy2.thrift import TApplicationException, TProcessor
 from thriftpy2.transport.memory import TCyMemoryBuffer
 
+from ringlm.client.auth import read_token_file
 from ringlm.idl import ringlm_thrift as thrift
 from ringlm.server import wire
 from ringlm.server.config import WorkerConfig, add_arguments, config_from_args
-from ringlm.server.handler import ConnectionHandler, Service, ServiceLimits
+from ringlm.server.handler import ConnectionHandler, Service
 
 log = logging.getLogger(__name__)
 
@@ -50,8 +50,8 @@ RECV_BYTES = 65536
 PEER_RECHECK_S = 0.25      # how often a call with unread bytes behind it rechecks for a hang-up
 REAP_INTERVAL_S = 1.0
 DRAIN_POLL_S = 0.05
-# Before authenticate() only health and authenticate(token) are read: their frames are small, so an
-# unknown client gets nothing walked at length (health's unknown fields included).
+# Before authenticate() only health, ready and authenticate(token) are read: their frames are small, so
+# an unknown client gets nothing walked at length (their unknown fields included).
 PRE_AUTH_MAX_FRAME_BYTES = 4096
 
 
@@ -59,8 +59,9 @@ class FrameError(Exception):
     """The client broke the framing (length out of bounds, too slow, garbage): the connection is closed."""
 
 
-class Connection:
-    """One client connection: reads checked frames, runs each through the processor, writes the reply."""
+class InboundConnection:
+    """One connection a client opened to this worker (the server's side, in its own greenlet): reads checked
+    frames, runs each through the processor, writes the reply."""
 
     def __init__(self, worker: Worker, sock: socket.socket):
         self.worker = worker
@@ -222,7 +223,7 @@ class Worker:
 
     def register(self) -> None:
         """Join the cluster in ZooKeeper once listening, so clients never see a server that cannot answer."""
-        from ringlm.client.discovery import Registration
+        from ringlm.server.registration import Registration
         self.registration = Registration(self.config.zookeeper, self.config.address, weight=self.config.weight,
                                          model=self.service.model_name, gevent=True)
 
@@ -247,7 +248,7 @@ class Worker:
         try:
             if self.ssl_context is not None:
                 sock = self.handshake(sock)
-            Connection(self, sock).serve()
+            InboundConnection(self, sock).serve()
         except (FrameError, ssl.SSLError, OSError) as error:
             log.info("closed %s:%s: %s", address[0], address[1], error)
         finally:
@@ -311,37 +312,12 @@ def tls_context(config: WorkerConfig) -> ssl.SSLContext | None:
     return context
 
 
-def read_auth_token(path: str | None) -> str | None:
-    if path is None:
-        return None
-    token = Path(path).read_text().strip()
-    if not token:
-        raise ValueError(f"{path}: the auth token file is empty")
-    return token
-
-
-def check_config(config: WorkerConfig) -> None:
-    if bool(config.tls_cert) != bool(config.tls_key):
-        raise ValueError("--tls-cert and --tls-key go together")
-    if config.tls_ca and not config.tls_cert:
-        raise ValueError("--tls-ca (client certificates) needs --tls-cert and --tls-key")
-    for name in ("max_connections", "max_frame_bytes", "num_slots", "max_open_streams"):
-        if getattr(config, name) < 1:
-            raise ValueError(f"--{name.replace('_', '-')} must be at least 1")
-    if not config.weight > 0:
-        raise ValueError("--weight must be positive")
-    for name in ("idle_timeout_s", "frame_timeout_s", "stream_idle_timeout_s"):
-        if getattr(config, name) <= 0:
-            raise ValueError(f"--{name.replace('_', '-')} must be positive")
-
-
 def build_service(config: WorkerConfig) -> Service:
     """Load the model and tokenizer and put an engine behind a Service (seconds: torch and weights)."""
     import torch
 
     from ringlm.ext.tokenizer import Tokenizer
-    from ringlm.server.engine import EngineConfig
-    from ringlm.server.engine_loop import gevent_engine
+    from ringlm.server.engine_loop import EngineLoop, gevent_engine
     from ringlm.server.model import apply_torch_threads, load_model
 
     apply_torch_threads(config.torch_threads)   # before the model: torch reads it when it first runs
@@ -350,18 +326,13 @@ def build_service(config: WorkerConfig) -> Service:
         device = f"cuda:{config.worker_index % torch.cuda.device_count()}"
     model = load_model(config.model, device=device, dtype=config.dtype)
     tokenizer = Tokenizer.from_model(config.model)
-    engine = gevent_engine(model, tokenizer, EngineConfig(
-        num_slots=config.num_slots, max_seq_len=config.max_seq_len, max_batch_tokens=config.max_batch_tokens,
-        max_tokens_limit=config.max_tokens_limit, max_waiting=config.max_waiting))
-    limits = ServiceLimits(max_open_streams=config.max_open_streams,
-                           stream_idle_timeout_s=config.stream_idle_timeout_s)
-    return Service(engine, tokenizer, server_name=config.address, model_name=str(config.model), limits=limits,
-                   auth_token=read_auth_token(config.auth_token_file))
+    engine_loop = EngineLoop(gevent_engine(model, tokenizer, config.engine_config()))
+    return Service(engine_loop, tokenizer, server_name=config.address, model_name=str(config.model),
+                   limits=config.service_limits(), auth_token=read_token_file(config.auth_token_file))
 
 
 def run(config: WorkerConfig) -> int:
     """Load, serve until SIGTERM has drained the worker, return the exit code."""
-    check_config(config)
     if config.debug_blocking_ms:
         # gevent's monitor thread prints the stack of any greenlet that holds the hub this long.
         gevent.config.monitor_thread = True
@@ -373,11 +344,9 @@ def run(config: WorkerConfig) -> int:
         from ringlm.server.metrics import Metrics
         service.metrics = Metrics(service.stats)
         service.metrics.serve(config.host, config.metrics_port)
-    from ringlm.server.engine_loop import EngineLoop
-    engine_loop = EngineLoop(service.engine)
-    engine_loop.start().link_exception(worker.engine_died)
+    service.engine_loop.start().link_exception(worker.engine_died)
     code = worker.serve_forever()
-    engine_loop.stop()
+    service.engine_loop.stop()
     log.info("stopped (exit code %d)", code)
     return code
 
@@ -391,7 +360,10 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m ringlm.server.worker",
                                      description="One ringlm server process (`ringlm serve` starts these).")
     add_arguments(parser)
-    config = config_from_args(parser.parse_args(argv))
+    try:
+        config = config_from_args(parser.parse_args(argv))
+    except ValueError as error:
+        parser.error(str(error))   # exits 2 with the usage line, as a malformed flag does
     configure_logging(config)
     try:
         return run(config)

@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from ringlm.models import default_model_path
+from ringlm.ext.model_files import default_model_path
 from ringlm.server.model.llama import Llama, ModelConfig
 from ringlm.server.model.threads import apply_torch_threads
 from ringlm.server.model.weights import load_model, random_weights

@@ -20,6 +20,7 @@ from thriftpy2.thrift import TMessageType
 from thriftpy2.transport import TCyFramedTransportFactory
 from thriftpy2.transport.memory import TCyMemoryBuffer
 
+from ringlm.client import probe
 from ringlm.idl import ringlm_thrift as thrift
 
 READY_TIMEOUT_S = 120.0   # a worker imports torch and loads the model: seconds, slower on a busy machine
@@ -29,7 +30,7 @@ POLL_S = 0.1
 def write_tiny_model(folder: Path) -> Path:
     """A Hugging Face folder: a two-layer random model with SmolLM2's real tokenizer and chat template."""
     from ringlm.ext.tokenizer import Tokenizer
-    from ringlm.models import default_model_path
+    from ringlm.ext.model_files import default_model_path
     from ringlm.server.model import ModelConfig, random_weights
     from ringlm.server.model.weights import save_hf
     from tests.tokenizer_oracle import hf_tokenizer
@@ -68,17 +69,9 @@ def wait_until(condition, timeout_s: float = 30.0, what: str = "condition"):
     raise AssertionError(f"timed out after {timeout_s} s waiting for {what}")
 
 
-def answers_health(port: int, **tls) -> bool:
-    try:
-        client = connect(port, timeout_s=2, **tls)
-    except Exception:   # refused, or the TLS handshake failed: not up yet
-        return False
-    try:
-        return client.health()
-    except Exception:
-        return False
-    finally:
-        client.close()
+def answers_health(port: int, ssl_context=None) -> bool:
+    """The client's own health probe, on a local worker's port."""
+    return probe.answers_health(f"127.0.0.1:{port}", ssl_context=ssl_context)
 
 
 class WorkerProcess:

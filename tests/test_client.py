@@ -115,6 +115,25 @@ def test_requests_without_a_session_spread_over_the_ring(client):
     assert {r.server for r in results} == set(client.servers)
 
 
+def test_top_logprobs_come_back_from_generate_and_from_a_streams_result(client):
+    options = dict(session="alternatives", max_tokens=8, ignore_eos=True, top_logprobs=3)
+    whole = client.generate(STORY, **options)
+    assert len(whole.top_logprobs) == len(whole.logprobs) == len(whole.token_ids) == 8
+    for token, logprob, alternatives in zip(whole.token_ids, whole.logprobs, whole.top_logprobs):
+        assert len(alternatives) == 3
+        assert alternatives[0][0] == token   # greedy: the chosen token is the likeliest
+        assert alternatives[0][1] == pytest.approx(logprob, abs=1e-5)
+        assert [lp for _, lp in alternatives] == sorted((lp for _, lp in alternatives), reverse=True)
+    stream = client.stream(STORY, **options)
+    assert "".join(stream) == whole.text
+    assert stream.result.token_ids == whole.token_ids
+    assert [[t for t, _ in row] for row in stream.result.top_logprobs] == [[t for t, _ in row]
+                                                                          for row in whole.top_logprobs]
+    assert stream.result.logprobs == pytest.approx(whole.logprobs, abs=1e-5)
+    plain = client.generate(STORY, max_tokens=2)
+    assert plain.top_logprobs is None and plain.logprobs is None
+
+
 def test_tokenize_and_detokenize_round_trip(client):
     ids = client.tokenize("naïve café ☕")
     assert ids and all(isinstance(i, int) for i in ids)
@@ -128,6 +147,16 @@ def test_status_all_reports_every_server(client):
 
 
 # -- typed errors, retries and deadlines
+
+def test_generate_and_stream_skip_a_draining_node_alike(cluster):
+    with Client([address(w) for w in cluster], health_interval_s=0) as client:   # no checker to undo the mark
+        home, *_ = cluster
+        session = session_homed_at(client, address(home))
+        client.pool.node(address(home)).draining = True
+        generated = client.generate(STORY, session=session, max_tokens=2)
+        stream = client.stream(STORY, session=session, max_tokens=2)
+        list(stream)
+        assert generated.server == stream.result.server == client.ring.nodes_for(session)[1]
 
 def test_a_bad_request_is_a_typed_error_naming_the_field(client):
     with pytest.raises(InvalidRequestError) as error:
@@ -271,10 +300,11 @@ def test_kill_9_under_load_loses_no_request_and_streams_resume_identically(clust
             options = stream.request.sampling
             uninterrupted = client.generate(stream.request.prompt, max_tokens=stream.request.max_tokens,
                                             temperature=options.temperature, top_k=options.top_k,
-                                            seed=options.seed, ignore_eos=True)
+                                            seed=options.seed, ignore_eos=True, logprobs=True)
             assert uninterrupted.server != gone
             assert stream.result.token_ids == uninterrupted.token_ids
             assert stream.result.text == uninterrupted.text
+            check_logprobs_survived_the_failover(stream.result, uninterrupted)
 
         check_drained_server_gets_no_new_requests(client, drained)
         cluster[0] = WorkerProcess(model_dir, tmp_path / "restarted.log", port=victim.port).wait_ready()
@@ -283,6 +313,16 @@ def test_kill_9_under_load_loses_no_request_and_streams_resume_identically(clust
     finally:
         client.close()
         streamer.close()
+
+
+def check_logprobs_survived_the_failover(resumed, uninterrupted) -> None:
+    """Every token's logprob arrived with its chunk; the alternatives of the tokens the dead server sent
+    (at least the 5 before the pause) went with it, the rest came from the server that finished."""
+    assert resumed.logprobs == pytest.approx(uninterrupted.logprobs, abs=1e-4)
+    lost = resumed.top_logprobs.count(None)
+    assert 5 <= lost < len(resumed.token_ids) == len(resumed.top_logprobs)
+    assert resumed.top_logprobs[:lost] == [None] * lost
+    assert all(len(alternatives) == 2 for alternatives in resumed.top_logprobs[lost:])
 
 
 def start_paused_streams(client: Client, node: str, count: int):
@@ -296,7 +336,7 @@ def start_paused_streams(client: Client, node: str, count: int):
     streams = []
     for i in range(count):
         stream = client.stream(f"{STORY} {i}", session=session_homed_at(client, node, start=1000 * i),
-                               max_tokens=120, temperature=0.8, top_k=20, ignore_eos=True)
+                               max_tokens=120, temperature=0.8, top_k=20, ignore_eos=True, top_logprobs=2)
         started = threading.Event()
 
         def consume(stream=stream, started=started):

@@ -1,17 +1,26 @@
 """The client's parts without servers: pool ejection and back-off (real sockets to closed ports), routing
-keys, requests, error mapping, static discovery."""
+keys, requests, error mapping, the failover walk, static discovery, and the helpers for addresses, tokens,
+probes, Thrift structs and configuration."""
 
 from __future__ import annotations
 
+import socket
 import time
 
 import pytest
 
-from ringlm.client.client import build_request, exhausted, routing_key
-from ringlm.client.discovery import StaticDiscovery, parse_member
+from ringlm.client import Client, ClientConfig
+from ringlm.client.address import parse_server_list, split_address
+from ringlm.client.auth import read_token_file
+from ringlm.client.client import build_request, routing_key
+from ringlm.client.discovery import StaticDiscovery, member_data, member_path, parse_member
 from ringlm.client.errors import (CancelledError, DeadlineExceededError, InvalidRequestError,
                                   NoServerAvailableError, OverloadedError, ServerUnavailableError, from_thrift)
+from ringlm.client.failover import Failover, exhausted
 from ringlm.client.pool import Node, Pool, PoolConfig
+from ringlm.client.probe import answers_health, probe
+from ringlm.client.result import FINISH_REASONS, PRIORITIES, result_from_thrift
+from ringlm.idl import copy_struct, to_dict
 from ringlm.idl import ringlm_thrift as thrift
 from tests.server_helpers import free_port
 
@@ -165,3 +174,132 @@ def test_a_server_znode_is_read_with_its_weight_and_filtered_by_model():
     assert parse_member(data, "other") is None
     assert parse_member(b"not json", None) is None
     assert parse_member(b'{"address": "no-port"}', None) is None
+
+
+def test_a_servers_znode_is_what_discovery_reads_back():
+    assert member_path("/ringlm/servers/", "10.0.0.1:9090") == "/ringlm/servers/10.0.0.1:9090"
+    assert parse_member(member_data("10.0.0.1:9090", 2.0, "smol"), "smol") == ("10.0.0.1:9090", 2.0)
+    assert parse_member(member_data("10.0.0.1:9090", 1.0, "smol"), "other") is None
+
+
+# -- the failover walk that generate, streams and tokenize share
+
+def test_a_failover_tries_each_node_once_and_a_draining_refusal_marks_the_node():
+    nodes = [Node(closed_address(), config()) for _ in range(2)]
+    failover = Failover(lambda tried: next((n for n in nodes if n.address not in tried), None), deadline=None)
+    seen = []
+    with pytest.raises(NoServerAvailableError) as error:
+        for node, remaining_ms in failover:
+            seen.append((node.address, remaining_ms))
+            failover.failed(node, OverloadedError("leaving", draining=True, server=node.address))
+    assert seen == [(node.address, None) for node in nodes]
+    assert all(node.draining for node in nodes)
+    assert set(error.value.errors) == {node.address for node in nodes}
+
+
+def test_a_failover_past_its_deadline_tries_no_node():
+    picked = []
+    failover = Failover(picked.append, deadline=time.monotonic() - 0.001)
+    with pytest.raises(DeadlineExceededError):
+        next(iter(failover))
+    assert picked == []
+
+
+def test_generate_stream_and_tokenize_fail_alike_when_every_node_is_down_or_draining():
+    dead = [closed_address() for _ in range(2)]
+    with Client(dead, health_interval_s=0) as client:   # no checker: nothing but the requests changes a node
+        calls = {"generate": lambda: client.generate("hi", max_tokens=2),
+                 "stream": lambda: list(client.stream("hi", max_tokens=2)),
+                 "tokenize": lambda: client.tokenize("hi")}
+        for name, call in calls.items():
+            with pytest.raises(NoServerAvailableError) as error:
+                call()
+            assert set(error.value.errors) == set(dead), name   # ejected by the first call, still tried
+            assert all(isinstance(e, ServerUnavailableError) for e in error.value.errors.values()), name
+        for node in client.pool.nodes.values():
+            node.draining = True
+        for name, call in calls.items():
+            with pytest.raises(NoServerAvailableError) as error:
+                call()
+            assert str(error.value) == "no server is available" and error.value.errors == {}, name
+
+
+# -- helpers: addresses, the auth token file, probes, Thrift structs, enum names, settings
+
+def test_an_address_is_host_colon_port_and_a_server_list_is_a_comma_separated_run_of_them():
+    assert split_address("10.0.0.1:9090") == ("10.0.0.1", 9090)
+    assert split_address("[::1]:9090") == ("::1", 9090)
+    assert parse_server_list(" a:1, b:2 ,") == ["a:1", "b:2"]
+    for bad in ("localhost", "host:", ":9090", "[]:9090", "host:http", "host:0", "host:65536", "host:-1"):
+        with pytest.raises(ValueError, match="host:port"):
+            split_address(bad)
+    with pytest.raises(ValueError, match="host:port"):
+        parse_server_list("a:1,b")
+    with pytest.raises(ValueError, match="empty"):
+        parse_server_list(" , ")
+
+
+def test_the_auth_token_file_is_read_stripped_and_an_empty_or_missing_one_is_an_error(tmp_path):
+    path = tmp_path / "token"
+    path.write_text("  s3cret\n")
+    assert read_token_file(path) == read_token_file(str(path)) == "s3cret"
+    assert read_token_file(None) is None
+    path.write_text(" \n")
+    with pytest.raises(ValueError, match="the auth token file is empty"):
+        read_token_file(path)
+    with pytest.raises(FileNotFoundError):
+        read_token_file(tmp_path / "missing")
+
+
+def test_the_probe_finds_no_server_at_a_closed_port_or_a_silent_one():
+    closed = closed_address()
+    assert answers_health(closed) is False
+    with pytest.raises(ServerUnavailableError) as error:
+        probe(closed, "status")
+    assert error.value.server == closed
+    silent = socket.socket()   # accepts connections into its backlog and never replies
+    silent.bind(("127.0.0.1", 0))
+    silent.listen(8)
+    try:
+        address = f"127.0.0.1:{silent.getsockname()[1]}"
+        with pytest.raises(ServerUnavailableError):
+            probe(address, timeout_s=0.2)
+        assert answers_health(address, timeout_s=0.2) is False
+    finally:
+        silent.close()
+
+
+def test_a_thrift_struct_reads_as_a_dict_of_its_fields_and_copies_with_changes():
+    fields = to_dict(thrift.ServerStatus(server="h:1", running=2, waiting={"NORMAL": 1}))
+    assert list(fields)[:5] == ["server", "model", "draining", "running", "waiting"] and len(fields) == 21
+    assert (fields["server"], fields["running"], fields["waiting"], fields["model"]) == ("h:1", 2, {"NORMAL": 1}, None)
+    request = thrift.GenerateRequest(prompt="hi", sampling=thrift.SamplingOptions(seed=7), max_tokens=5)
+    resumed = copy_struct(request, prompt=None, prompt_ids=[1, 2])
+    assert (resumed.prompt, resumed.prompt_ids, resumed.max_tokens) == (None, [1, 2], 5)
+    assert resumed.sampling is request.sampling                     # shallow
+    assert (request.prompt, request.prompt_ids) == ("hi", None)     # the original is untouched
+    with pytest.raises(TypeError):
+        copy_struct(request, no_such_field=1)
+
+
+def test_enum_names_come_from_the_idl():
+    assert set(FINISH_REASONS.values()) == {"stop", "length", "deadline", "cancelled", "error"}
+    assert FINISH_REASONS[thrift.FinishReason.DEADLINE] == "deadline"
+    assert PRIORITIES == {"low": thrift.Priority.LOW, "normal": thrift.Priority.NORMAL, "high": thrift.Priority.HIGH}
+    result = result_from_thrift(thrift.GenerateResult(
+        finish_reason=thrift.FinishReason.CANCELLED, top_logprobs=[[thrift.TokenLogprob(token_id=5, logprob=-0.5)]]))
+    assert result.finish_reason == "cancelled" and result.top_logprobs == [[(5, -0.5)]]
+
+
+def test_client_settings_are_a_client_config_with_keyword_overrides():
+    servers = [closed_address()]
+    with Client(servers, health_interval_s=0, load_factor=3.0) as client:
+        assert client.config == ClientConfig(health_interval_s=0, load_factor=3.0)
+        assert client.ring.load_factor == 3.0 and client.pool.config is client.config
+    base = ClientConfig(first_backoff_s=0.1, auth_token="t")
+    with Client(servers, config=base, health_interval_s=0) as client:
+        assert (client.config.first_backoff_s, client.config.auth_token, client.config.health_interval_s) == (
+            0.1, "t", 0)
+    assert base.health_interval_s == ClientConfig().health_interval_s   # the caller's config is left as it was
+    with pytest.raises(TypeError, match="load_factr"):
+        Client(servers, load_factr=2)

@@ -15,7 +15,7 @@ import torch
 
 from ringlm.ext.sampling import SamplingParams
 from ringlm.ext.tokenizer import Tokenizer
-from ringlm.models import default_model_path
+from ringlm.ext.model_files import default_model_path
 from ringlm.server.engine import (Engine, EngineConfig, FinishReason, GenerationRequest, InvalidRequest,
                                   Overloaded, Priority)
 from ringlm.server.engine_loop import EngineLoop, gevent_engine
@@ -340,3 +340,19 @@ def test_a_failing_step_fails_its_requests_not_the_engine(model, tokenizer, monk
     finally:
         loop.stop()
     assert engine.stats()["slots_busy"] == 0
+
+
+def test_resumed_tokens_are_prefilled_in_chunks_not_one_per_step(model, tokenizer):
+    """A failover after many tokens costs a few steps: the resumed ids go through prefill with the prompt."""
+    prompt = request(tokenizer, "p", "Once upon a time", max_tokens=200)
+    whole = run_alone(model, tokenizer, prompt)
+    engine = make_engine(model, tokenizer, max_batch_tokens=64)
+    resumed = dataclasses.replace(prompt, request_id="resumed", resume_ids=tuple(whole.token_ids[:150]))
+    handle = engine.submit(resumed)
+    engine.step()
+    engine.step()
+    engine.step()   # ceil((prompt + 150) / 64) = 3 prefill steps, the last one samples
+    first = handle.poll(timeout=0)
+    assert first.token_ids == whole.token_ids[150:151]
+    engine.run_until_idle()
+    assert handle.result().token_ids == whole.token_ids[150:]

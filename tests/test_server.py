@@ -54,10 +54,15 @@ def seeded(seed: int = 7) -> thrift.SamplingOptions:
     return thrift.SamplingOptions(temperature=0.9, top_p=0.95, top_k=50, seed=seed)
 
 
-def metric(server, name: str, labels: str = "") -> float:
+def metric(server, name: str, labels: str = "", missing: float | None = None) -> float:
+    """A sample's value; a missing sample fails the test unless `missing` says what it stands for
+    (a labelled counter appears only once something was counted under its label)."""
     text = urllib.request.urlopen(f"http://127.0.0.1:{server.metrics_port}/metrics", timeout=10).read().decode()
     match = re.search(rf"^{re.escape(name + labels)} (\S+)$", text, re.MULTILINE)
-    return float(match.group(1)) if match else 0.0
+    if match is None:
+        assert missing is not None, f"no sample {name}{labels} in the metrics"
+        return missing
+    return float(match.group(1))
 
 
 def drain_stream(client, stream_id: str, wait_ms: int = 1000) -> list:
@@ -131,7 +136,7 @@ def test_cancel_by_id_from_another_connection_raises_cancelled_with_the_partial_
 
 
 def test_a_client_that_hangs_up_mid_generate_cancels_it(server, client):
-    cancelled = metric(server, "ringlm_requests_total", '{outcome="cancelled"}')
+    cancelled = metric(server, "ringlm_requests_total", '{outcome="cancelled"}', missing=0.0)
     sock = raw_connection(server.port)
     sock.sendall(frame(message("generate", thrift.Generator.generate_args(request=request(max_tokens=LONG)))))
     wait_until(lambda: client.status().running == 1, what="the generation to start")
@@ -224,7 +229,7 @@ def test_the_hub_answers_health_during_a_long_generation(server, client):
 
 
 def test_metrics_endpoint_reports_requests_latency_queue_and_cache(server, client):
-    before = metric(server, "ringlm_requests_total", '{outcome="length"}')
+    before = metric(server, "ringlm_requests_total", '{outcome="length"}', missing=0.0)
     client.generate(request(max_tokens=4))
     assert metric(server, "ringlm_requests_total", '{outcome="length"}') == before + 1
     assert metric(server, "ringlm_time_to_first_token_seconds_count") >= 1

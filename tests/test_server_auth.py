@@ -1,8 +1,8 @@
 """Before authenticate(), a worker that requires a token reads nothing it does not have to.
 
 Calls that need authentication are refused by name with Unauthorized before
-their arguments are checked or parsed; health and authenticate are read, in
-small frames only. One worker with --auth-token-file serves the module; raw
+their arguments are checked or parsed; health, ready and authenticate are
+read, in small frames only. One worker with --auth-token-file serves the module; raw
 sockets send what a client without the token might.
 """
 
@@ -57,7 +57,7 @@ def authenticate(sock) -> None:
     assert result.unauthorized is None
 
 
-def test_every_method_but_health_and_authenticate_declares_unauthorized():
+def test_every_method_that_needs_the_token_declares_unauthorized():
     """The worker's refusal is the method's own typed Unauthorized: each of them must declare it."""
     for method in set(thrift.Generator.thrift_services) - AUTH_FREE_METHODS:
         spec = getattr(thrift.Generator, f"{method}_result").thrift_spec
@@ -99,6 +99,7 @@ def test_the_refusal_covers_every_method_that_needs_the_token():
 def test_health_before_authenticate_takes_a_small_frame_only(server):
     sock = raw_connection(server.port)
     assert call(sock, message("health"))[1].success is True
+    assert call(sock, message("ready"))[1].success is True
     # An unknown field: a list of empty structs filling the frame past the limit.
     count = PRE_AUTH_MAX_FRAME_BYTES
     large = header("health", seqid=9) + field(15, 7) + struct.pack("!bi", 12, count) + b"\x00" * count + b"\x00"

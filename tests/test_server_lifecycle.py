@@ -1,4 +1,4 @@
-"""Worker and supervisor processes over their life: drain on SIGTERM, restart after kill -9, `ringlm status`, TLS and auth."""
+"""Worker, supervisor and cluster processes over their life: drain, restart after kill -9, `ringlm status`, TLS, auth."""
 
 from __future__ import annotations
 
@@ -51,10 +51,14 @@ def test_sigterm_drains_finishes_running_work_refuses_new_work_and_exits_0(model
         thread.start()
         client = connect(worker.port)
         wait_until(lambda: client.status().running == 1, what="the generation to start")
+        assert client.ready() is True and client.status().ready is True
         stream_id = client.open_stream(long_request())
         worker.process.send_signal(signal.SIGTERM)
 
         assert wait_until(lambda: client.status().draining, what="status to report draining")
+        status = client.status()
+        assert (status.ready, status.not_ready_reason) == (False, "draining")
+        assert client.ready() is False and client.health() is True   # alive, but takes nothing new
         for call in (client.generate, client.open_stream):
             with pytest.raises(thrift.Overloaded) as error:
                 call(long_request())
@@ -142,6 +146,27 @@ def test_supervisor_runs_workers_on_consecutive_ports_restarts_a_killed_one_and_
         if supervisor.poll() is None:
             supervisor.kill()
             supervisor.wait()
+
+
+def test_cluster_command_starts_count_servers_prints_them_and_stops_them_on_ctrl_c(model_dir, tmp_path):
+    port = consecutive_free_ports(2)
+    output = tmp_path / "cluster.log"
+    with open(output, "wb") as log:
+        cluster = subprocess.Popen(
+            [sys.executable, "-m", "ringlm.cli", "cluster", "--count", "2", "--base-port", str(port), "--model",
+             str(model_dir), "--torch-threads", "1", "--max-seq-len", "256"], stdout=log, stderr=subprocess.STDOUT)
+    try:
+        wait_until(lambda: "cluster ready" in output.read_text(), timeout_s=180, what="the cluster to be ready")
+        assert f"127.0.0.1:{port},127.0.0.1:{port + 1}" in output.read_text()
+        pids = [worker_pid(port), worker_pid(port + 1)]
+        assert None not in pids and len(set(pids)) == 2
+        cluster.send_signal(signal.SIGINT)
+        assert cluster.wait(timeout=60) == 0
+        assert not any(pid_alive(pid) for pid in pids)
+    finally:
+        if cluster.poll() is None:
+            cluster.kill()
+            cluster.wait()
 
 
 # -- TLS and auth

@@ -16,8 +16,8 @@ import pytest
 from thriftpy2.thrift import TApplicationException, TMessageType
 
 from ringlm.idl import ringlm_thrift as thrift
-from tests.server_helpers import (closed_by_server, connect, frame, message, raw_connection, read_reply,
-                                  running_worker, tiny_model_folder, wait_until)
+from tests.server_helpers import (answers_health, closed_by_server, connect, frame, message, raw_connection,
+                                  read_reply, running_worker, tiny_model_folder, wait_until)
 
 MAX_FRAME = 65536
 MAX_CONNECTIONS = 6
@@ -25,6 +25,11 @@ IDLE_S = 2.0
 FRAME_S = 2.0
 MAX_STREAMS = 3
 MAX_TOKENS = 300
+MAX_STOP_STRINGS = 4
+MAX_MESSAGES = 3
+MAX_TOP_LOGPROBS = 5
+MAX_STOP_TOKEN_IDS = 3
+MAX_SESSION = 12
 
 
 @pytest.fixture(scope="module")
@@ -32,7 +37,10 @@ def server(tmp_path_factory):
     log = tmp_path_factory.mktemp("limits") / "worker.log"
     flags = ["--max-frame-bytes", str(MAX_FRAME), "--max-connections", str(MAX_CONNECTIONS),
              "--idle-timeout-s", str(IDLE_S), "--frame-timeout-s", str(FRAME_S),
-             "--max-open-streams", str(MAX_STREAMS), "--max-tokens-limit", str(MAX_TOKENS)]
+             "--max-open-streams", str(MAX_STREAMS), "--max-tokens-limit", str(MAX_TOKENS),
+             "--max-stop-strings", str(MAX_STOP_STRINGS), "--max-messages", str(MAX_MESSAGES),
+             "--max-top-logprobs", str(MAX_TOP_LOGPROBS), "--max-stop-token-ids", str(MAX_STOP_TOKEN_IDS),
+             "--max-session-length", str(MAX_SESSION)]
     with running_worker(tiny_model_folder(tmp_path_factory), log, *flags) as worker:
         yield worker
 
@@ -46,14 +54,13 @@ def client(server):
 
 @pytest.fixture(autouse=True)
 def server_still_up(server):
-    """After every test: the worker process lives and answers."""
+    """After every test: the worker process lives and answers. Answers, eventually: a test that filled
+    the connection limit has just closed its sockets, and the server may not have seen those closes
+    yet, so a connection made at once can still be one too many (closed at once, by design)."""
     yield
     assert server.process.poll() is None, server.log()
-    healthy = connect(server.port)
-    try:
-        assert healthy.health()
-    finally:
-        healthy.close()
+    wait_until(lambda: answers_health(server.port), timeout_s=30, what="the worker to answer health")
+    assert server.process.poll() is None, server.log()
 
 
 def call_raw(sock: socket.socket, body: bytes):
@@ -265,13 +272,31 @@ def test_bad_arguments_of_the_other_calls_are_invalid_requests(client):
     with pytest.raises(thrift.InvalidRequest) as error:
         client.next_chunk("no-such-stream", 0)
     assert error.value.field == "stream_id"
-    stream_id = client.open_stream(generate_request())
+    stream_id = client.open_stream(generate_request(max_tokens=MAX_TOKENS))
     with pytest.raises(thrift.InvalidRequest) as error:
         client.next_chunk(stream_id, -1)
     assert error.value.field == "wait_ms"
-    assert client.cancel(stream_id) in (True, False)
+    assert client.cancel(stream_id) is True   # MAX_TOKENS tokens take longer than these calls
     assert client.cancel("no-such-request") is False
     assert client.tokenize("x" * 60_000, False, False)   # big but within the frame limit
+
+
+def test_limits_set_by_flags_hold_at_their_edge(client):
+    """Limits below their defaults (16 stop strings, 512 messages, 20 alternatives, 64 stop token ids, 256-character
+    sessions): the flags reached the worker."""
+    user = thrift.ChatMessage(role="user", content="Hi")
+    at_the_limit = generate_request(stop=["zz"] * MAX_STOP_STRINGS, top_logprobs=MAX_TOP_LOGPROBS, max_tokens=2,
+                                    stop_token_ids=[120] * MAX_STOP_TOKEN_IDS, session="s" * MAX_SESSION)
+    assert len(client.generate(at_the_limit).top_logprobs[0]) == MAX_TOP_LOGPROBS
+    assert client.generate(generate_request(prompt=None, messages=[user] * MAX_MESSAGES, max_tokens=2)).token_ids
+    for fields, field_name in [({"stop": ["zz"] * (MAX_STOP_STRINGS + 1)}, "stop"),
+                               ({"prompt": None, "messages": [user] * (MAX_MESSAGES + 1)}, "messages"),
+                               ({"top_logprobs": MAX_TOP_LOGPROBS + 1}, "top_logprobs"),
+                               ({"stop_token_ids": [120] * (MAX_STOP_TOKEN_IDS + 1)}, "stop_token_ids"),
+                               ({"session": "s" * (MAX_SESSION + 1)}, "session")]:
+        with pytest.raises(thrift.InvalidRequest) as error:
+            client.generate(generate_request(**fields))
+        assert error.value.field == field_name
 
 
 def test_open_streams_past_the_limit_are_overloaded(client):

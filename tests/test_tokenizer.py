@@ -5,6 +5,8 @@ from __future__ import annotations
 import base64
 import json
 import random
+import subprocess
+import sys
 
 import pytest
 from hypothesis import HealthCheck, given, settings
@@ -12,8 +14,8 @@ from hypothesis import strategies as st
 
 from corpus import HANDMADE_UNICODE, corpus, size_in_bytes
 from ringlm.ext import _bpe
+from ringlm.ext.model_files import default_model_path
 from ringlm.ext.tokenizer import (Tokenizer, TokenizerLoadError, TokenizerSpec, bytes_to_unicode)
-from ringlm.models import default_model_path
 from tokenizer_oracle import hf_pre_tokenizer, hf_tokenizer
 
 RULES = {"gpt2": _bpe.SPLIT_GPT2, "smollm": _bpe.SPLIT_SMOLLM,
@@ -287,7 +289,7 @@ def test_from_pretrained_reads_tokenizer_json(rule_pairs, tmp_path, rule):
     ours, oracle = rule_pairs[rule]
     save_hf_folder(tmp_path, oracle, ours.spec)
     loaded = Tokenizer.from_pretrained(tmp_path)
-    assert loaded.split_rule == RULES[rule]
+    assert loaded.spec.split_rule == RULES[rule]
     assert (loaded.bos_id, loaded.eos_id) == (1, 2)
     assert loaded.special_ids == ours.special_ids
     assert_same_ids(loaded, oracle, EDGE_CASES, f"from_pretrained {rule}")
@@ -327,3 +329,9 @@ def test_gguf_spec_cache(tmp_path, monkeypatch, tokenizer):
     assert tokenizer_files.cache_path(model) != cached
     with pytest.raises(TokenizerLoadError, match="model.gguf"):
         Tokenizer.from_gguf(model)
+
+
+def test_tokenizer_files_do_not_import_the_tokenizer():
+    # One direction only: the tokenizer is built from the spec its files describe, never the other way round.
+    code = "import sys, ringlm.ext.tokenizer_files; sys.exit('ringlm.ext.tokenizer' in sys.modules)"
+    assert subprocess.run([sys.executable, "-c", code], timeout=60).returncode == 0

@@ -10,7 +10,7 @@ import pytest
 import torch
 from torch.testing import assert_close
 
-from ringlm.models import ModelNotFoundError
+from ringlm.ext.model_files import ModelNotFoundError
 from ringlm.server.model.kv_cache import KVCache
 from ringlm.server.model.llama import Llama, ModelConfig, PackedBatch, RopeScaling, SequenceChunk
 from ringlm.server.model.weights import (ModelFormatError, UnsupportedModelError, load_model,

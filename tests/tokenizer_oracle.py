@@ -12,7 +12,7 @@ from tokenizers import Tokenizer as HFTokenizer
 from tokenizers import decoders, models, pre_tokenizers
 
 from ringlm.ext import _bpe
-from ringlm.ext.tokenizer import LLAMA3_PATTERN, QWEN2_PATTERN, TokenizerSpec
+from ringlm.ext.tokenizer_files import LLAMA3_PATTERN, QWEN2_PATTERN, TokenizerSpec
 
 
 def hf_pre_tokenizer(rule: int):

@@ -79,6 +79,7 @@ def seed_calls() -> list[bytes]:
         "apply_chat_template": [{"messages": messages, "add_generation_prompt": True}],
         "status": [{}],
         "health": [{}],
+        "ready": [{}],
         "authenticate": [{"token": "s3cret"}],
     }
     assert set(arguments) == wire.METHODS, "a method of the service has no seed call"

@@ -53,7 +53,7 @@ class Engine:
         self.config = config or EngineConfig()
         self.runner = ModelRunner.create(model, self.config.num_slots, self.config.max_seq_len)
         self.scheduler = Scheduler(self.config.num_slots, self.config.max_batch_tokens, self.config.max_waiting,
-                                   self.config.prefix_cache)
+                                   self.config.prefix_cache, self.config.priority_aging_s)
         self.offload = offload
         self.new_event = new_event
         self.in_flight: dict[str, RequestState] = {}

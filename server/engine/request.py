@@ -187,10 +187,16 @@ class RequestState:
     def finished(self) -> bool:
         return self.finish_reason is not None
 
-    def sort_key(self) -> tuple:
-        """Admission order: priority, then deadline, then arrival."""
+    def effective_priority(self, now: float, aging_s: float) -> int:
+        """The priority it is admitted with: one level up for every `aging_s` seconds it has waited
+        since arrival (0: never), so a steady stream of higher priorities cannot starve it."""
+        boost = int((now - self.times.arrival) / aging_s) if aging_s > 0 else 0
+        return min(int(self.request.priority) + max(boost, 0), int(Priority.HIGH))
+
+    def sort_key(self, now: float, aging_s: float = 0.0) -> tuple:
+        """Admission order: (aged) priority, then deadline, then arrival."""
         deadline = self.request.deadline if self.request.deadline is not None else float("inf")
-        return (-int(self.request.priority), deadline, self.arrival_order)
+        return (-self.effective_priority(now, aging_s), deadline, self.arrival_order)
 
     def new_tokens(self, start: int, end: int) -> list[int]:
         """Ids of the tokens generated here, [start, end) counted from the first one."""

@@ -6,8 +6,9 @@ step's `Plan`: requests to end before any work (cancelled, past their
 deadline), prefix copies into newly taken slots, and the batch: one token per
 decoding request (in slot order), then prefill chunks within the token budget.
 
-Waiting requests are ordered by (priority, deadline, arrival); each priority
-has a queue limit past which a new request is refused at once with a
+Waiting requests are ordered by (priority, deadline, arrival), a request's
+priority rising one level for every `priority_aging_s` it has waited so that
+low priorities are never starved; each priority has a queue limit past which a new request is refused at once with a
 retry-after hint, rather than queued to time out. When no slot is free, the
 newest running request of the lowest priority below the waiting one is
 preempted: its KV stays behind as a cached prefix and it re-queues.
@@ -16,6 +17,7 @@ preempted: its KV stays behind as a cached prefix and it re-queues.
 from __future__ import annotations
 
 import heapq
+import time
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 
@@ -27,6 +29,9 @@ MIN_RETRY_AFTER_MS = 50
 MAX_RETRY_AFTER_MS = 30_000
 # Weight of the newest finished request in the moving average of service time.
 SERVICE_TIME_SMOOTHING = 0.1
+# How often the waiting queue is re-ordered for aging (seconds): aging works in steps of
+# `priority_aging_s`, so a check a second is plenty and keeps steps from paying O(waiting) each.
+AGING_CHECK_S = 1.0
 
 
 @dataclass(frozen=True)
@@ -68,13 +73,16 @@ class Plan:
 
 class Scheduler:
     def __init__(self, num_slots: int, max_batch_tokens: int,
-                 max_waiting: int | Mapping[Priority, int], prefix_cache: bool = True):
+                 max_waiting: int | Mapping[Priority, int], prefix_cache: bool = True,
+                 priority_aging_s: float = 0.0):
         self.slots = SlotTable(num_slots, prefix_cache)
         self.max_batch_tokens = max_batch_tokens
         self.max_waiting = (dict(max_waiting) if isinstance(max_waiting, Mapping)
                             else {p: max_waiting for p in Priority})
         self.running: list[RequestState] = []
         self._heap: list[tuple[tuple, RequestState]] = []
+        self.priority_aging_s = priority_aging_s
+        self._next_aging = 0.0
         self.preemptions = 0
         self.mean_service_seconds = 1.0   # updated as requests finish
 
@@ -100,8 +108,17 @@ class Scheduler:
         estimate = (len(self._heap) + 1) * self.mean_service_seconds / parallelism * 1000
         return int(min(max(estimate, MIN_RETRY_AFTER_MS), MAX_RETRY_AFTER_MS))
 
-    def add(self, state: RequestState) -> None:
-        heapq.heappush(self._heap, (state.sort_key(), state))
+    def add(self, state: RequestState, now: float | None = None) -> None:
+        now = time.monotonic() if now is None else now
+        heapq.heappush(self._heap, (state.sort_key(now, self.priority_aging_s), state))
+
+    def _age(self, now: float) -> None:
+        """Re-key the waiting queue so requests that waited long move up (see RequestState.effective_priority)."""
+        if self.priority_aging_s <= 0 or now < self._next_aging:
+            return
+        self._next_aging = now + AGING_CHECK_S
+        self._heap = [(state.sort_key(now, self.priority_aging_s), state) for _, state in self._heap]
+        heapq.heapify(self._heap)
 
     def _remove_waiting(self, states: list[RequestState]) -> None:
         gone = set(map(id, states))
@@ -113,6 +130,7 @@ class Scheduler:
     def schedule(self, now: float) -> Plan:
         """End what must end, admit what fits (preempting when a higher priority waits), plan the batch."""
         plan = Plan(ended=self._end_cancelled_and_expired(now))
+        self._age(now)
         self._admit(plan, now)
         plan.chunks = self._batch()
         return plan
@@ -137,7 +155,7 @@ class Scheduler:
             state = self._heap[0][1]
             acquired = self.slots.acquire(state.token_ids)
             if acquired is None:
-                victim = self.preemption_victim(self.running, state)
+                victim = self.preemption_victim(self.running, state, now, self.priority_aging_s)
                 if victim is None:
                     return
                 self._preempt(victim)
@@ -152,12 +170,16 @@ class Scheduler:
             self.running.append(state)
 
     @staticmethod
-    def preemption_victim(running: list[RequestState], waiting: RequestState) -> RequestState | None:
-        """The running request to pause for `waiting`: the lowest priority below it, newest first."""
-        lower = [state for state in running if state.request.priority < waiting.request.priority]
+    def preemption_victim(running: list[RequestState], waiting: RequestState, now: float = 0.0,
+                          aging_s: float = 0.0) -> RequestState | None:
+        """The running request to pause for `waiting`: the lowest (aged) priority below it, newest first."""
+        def priority(state: RequestState) -> int:
+            return state.effective_priority(now, aging_s)
+
+        lower = [state for state in running if priority(state) < priority(waiting)]
         if not lower:
             return None
-        return min(lower, key=lambda state: (state.request.priority, -state.arrival_order))
+        return min(lower, key=lambda state: (priority(state), -state.arrival_order))
 
     def _preempt(self, state: RequestState) -> None:
         """Pause a running request; its KV stays behind as a cached prefix for its return."""
@@ -165,7 +187,7 @@ class Scheduler:
         state.cached = 0
         state.preemptions += 1
         self.preemptions += 1
-        self.add(state)
+        self.add(state)   # keyed by its first arrival: with aging on, it returns ahead of newer peers
 
     def _batch(self) -> list[ScheduledChunk]:
         """Every decode (one token each, in slot order), then prefill chunks within the budget."""
@@ -175,12 +197,11 @@ class Scheduler:
         decoding = sorted((state for state in self.running if state.pending == 1), key=lambda state: state.slot)
         prefilling = [state for state in self.running if state.pending > 1]
         for state in decoding + prefilling:
-            if state.cached >= state.num_prompt:
-                # Generated tokens being recomputed (resume_ids, preemption) go one per step, as
-                # they were first computed: the decode path's arithmetic, so the same logits.
-                count = 1
-            else:
-                count = min(state.num_prompt - state.cached, budget)
+            # Prompts and generated tokens being recomputed (resume_ids, a preempted request's
+            # return) are prefilled alike, in chunks: a failover after 1,000 tokens costs a few
+            # steps, not 1,000 (their logits may differ from the first computation's in the last
+            # bits, as any chunking does; see the determinism notes in docs/architecture.md).
+            count = min(state.pending, budget)
             if count <= 0:
                 break
             chunks.append(ScheduledChunk(state, state.cached, count, sample=count == state.pending))
@@ -190,10 +211,10 @@ class Scheduler:
     # ------------------------------------------------------------ after the step
 
     def advance(self, chunk: ScheduledChunk) -> None:
-        """The chunk's tokens are in the cache now; a prompt prefix becomes shareable."""
+        """The chunk's tokens are in the cache now; a prefilled prefix becomes shareable."""
         state = chunk.state
         state.cached += chunk.count
-        if state.cached <= state.num_prompt or not chunk.sample:
+        if chunk.count > 1 or not chunk.sample:   # a prefill: decodes skip the O(length) copy
             self.slots.update(state.slot, state.token_ids[:state.cached])
 
     def release(self, state: RequestState) -> None:

@@ -25,7 +25,7 @@ import safetensors.torch
 import torch
 from torch import Tensor
 
-from ringlm.models import resolve_model_path
+from ringlm.ext.model_files import resolve_model_path
 from ringlm.server.model.llama import (ARCHITECTURES, Llama, ModelConfig, RopeScaling,
                                       hf_weight_shapes, rope_inv_freq)
 

