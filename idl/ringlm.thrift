@@ -229,7 +229,7 @@ service Generator {
               6: ModelError model_error),
 
   /** End a request at the next step, from any connection that knows its id; false if the server does not know it. */
-  bool cancel(1: string request_id) throws (5: Unauthorized unauthorized),
+  bool cancel(1: string request_id) throws (1: InvalidRequest invalid, 5: Unauthorized unauthorized),
 
   list<i32> tokenize(1: string text, 2: bool add_special_tokens, 3: bool parse_special)
       throws (1: InvalidRequest invalid, 5: Unauthorized unauthorized),
