@@ -67,13 +67,13 @@ def process_count(text: str) -> int:
 def command_status(args) -> int:
     """Each server's status as a JSON line, asked directly (not through a ring); exit 1 if one failed."""
     from ringlm.client.address import parse_server_list
-    from ringlm.client.auth import client_tls_context, read_token_file
+    from ringlm.client.auth import read_token_file
     from ringlm.client.probe import probe
     from ringlm.idl import to_dict
 
     addresses = parse_server_list(args.servers)
     token = read_token_file(args.auth_token_file)
-    tls = client_tls_context(args.tls_ca, args.tls_cert, args.tls_key) if args.tls_ca else None
+    tls = tls_from_arguments(args)
     unreachable = 0
     for address in addresses:
         try:
@@ -92,10 +92,15 @@ def cluster_client(args):
     from ringlm.client.auth import read_token_file
     from ringlm.client.discovery import ZooKeeperDiscovery
 
-    token = read_token_file(args.auth_token_file)
-    if args.zookeeper:
-        return Client(discovery=ZooKeeperDiscovery(args.zookeeper), auth_token=token)
-    return Client(args.servers, auth_token=token)
+    settings = {"auth_token": read_token_file(args.auth_token_file), "ssl_context": tls_from_arguments(args)}
+    networks = args.zookeeper_allowed_networks
+    if not args.zookeeper:
+        if args.zookeeper_auth_file or networks is not None:
+            raise ValueError("--zookeeper-auth-file and --zookeeper-allowed-networks go with --zookeeper")
+        return Client(args.servers, **settings)
+    discovery = ZooKeeperDiscovery(args.zookeeper, credentials=read_token_file(args.zookeeper_auth_file),
+                                   allowed_networks=None if networks is None else networks.split(","))
+    return Client(discovery=discovery, **settings)
 
 
 def generation_options(args) -> dict:
@@ -241,13 +246,41 @@ def loadtest_progress(args):
     return Bar()
 
 
+def add_zookeeper_arguments(parser: argparse.ArgumentParser) -> None:
+    """How a client trusts ZooKeeper's membership: shared by `generate`, `chat` and `loadtest`."""
+    parser.add_argument("--zookeeper-auth-file", metavar="FILE", help="file with ZooKeeper digest credentials "
+                                                                     "(user:password)")
+    parser.add_argument("--zookeeper-allowed-networks", metavar="CIDRS", help="use only servers whose addresses "
+                                                                             "lie in these networks "
+                                                                             "(e.g. 10.0.0.0/8,fd00::/8)")
+
+
+def add_tls_arguments(parser: argparse.ArgumentParser) -> None:
+    """How a client speaks TLS to the servers: shared by every command that calls them."""
+    parser.add_argument("--tls-ca", help="CA certificate that signed the servers' certificates (turns TLS on)")
+    parser.add_argument("--tls-cert", help="client certificate, for servers that ask for one")
+    parser.add_argument("--tls-key", help="the client certificate's key")
+
+
+def tls_from_arguments(args):
+    """The client's ssl.SSLContext from the TLS flags, or None for plain TCP."""
+    from ringlm.client.auth import client_tls_context
+    if not args.tls_ca:
+        if args.tls_cert or args.tls_key:
+            raise ValueError("--tls-cert and --tls-key need --tls-ca (the CA that signed the servers)")
+        return None
+    return client_tls_context(args.tls_ca, args.tls_cert, args.tls_key)
+
+
 def add_cluster_arguments(parser: argparse.ArgumentParser) -> None:
     """Where the cluster is and how to generate: shared by `generate` and `chat`."""
     where = parser.add_mutually_exclusive_group(required=True)
     where.add_argument("--servers", help="host:port,host:port,...")
     where.add_argument("--zookeeper", metavar="HOSTS", help="ZooKeeper hosts (host:port,...[/chroot]) the servers "
                                                             "registered in")
+    add_zookeeper_arguments(parser)
     parser.add_argument("--auth-token-file", help="file holding the servers' shared auth token")
+    add_tls_arguments(parser)
     parser.add_argument("--session", metavar="KEY", help="routing key: requests sharing it go to the same server")
     parser.add_argument("--max-tokens", type=int, default=256, metavar="N", help="new tokens at most (default 256)")
     parser.add_argument("--temperature", type=float, metavar="T", help="sampling temperature (default: greedy)")
@@ -291,9 +324,7 @@ def build_parser() -> argparse.ArgumentParser:
     status.add_argument("--servers", required=True, help="host:port,host:port,...")
     status.add_argument("--timeout", type=float, default=5.0, help="seconds per server (default 5)")
     status.add_argument("--auth-token-file", help="file holding the servers' shared auth token")
-    status.add_argument("--tls-ca", help="CA certificate that signed the servers' certificates (turns TLS on)")
-    status.add_argument("--tls-cert", help="client certificate, for servers that ask for one")
-    status.add_argument("--tls-key", help="the client certificate's key")
+    add_tls_arguments(status)
     status.set_defaults(run=command_status)
 
     generate = commands.add_parser("generate", help="generate text for PROMPT on the cluster")
@@ -325,7 +356,9 @@ def build_parser() -> argparse.ArgumentParser:
     target.add_argument("--zookeeper", metavar="HOSTS", help="ringlm servers registered in ZooKeeper")
     target.add_argument("--openai-url", metavar="URL", help="an OpenAI-compatible base URL, e.g. http://host:8080/v1")
     loadtest.add_argument("--openai-model", default="default", help="the model name sent to --openai-url")
+    add_zookeeper_arguments(loadtest)
     loadtest.add_argument("--auth-token-file", help="file holding the servers' shared auth token")
+    add_tls_arguments(loadtest)
     load = loadtest.add_mutually_exclusive_group()
     load.add_argument("--concurrency", type=int, metavar="N", help="closed loop: N requests in flight (default 8)")
     load.add_argument("--rate", type=float, metavar="R", help="open loop: Poisson arrivals, R requests/s")

@@ -15,13 +15,13 @@ The logits are synthetic but shaped like SmolLM2-135M's (vocabulary 49152): a Ga
 
 from __future__ import annotations
 
-import os
 import statistics
 import time
 
 import numpy as np
 import torch
 
+from ringlm.ext import usable_cores
 from ringlm.ext.sampling import SamplingParams, sample
 
 VOCAB = 49152
@@ -30,7 +30,7 @@ ROUNDS = 15
 ROUND_SECONDS = 4.0   # slow contestants stop after this long (at least 3 rounds)
 TOP_K = 50
 TOP_P = 0.9
-CORES = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+CORES = usable_cores()
 
 
 def language_model_like(rows: int, seed: int = 0) -> np.ndarray:

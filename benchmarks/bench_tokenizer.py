@@ -8,11 +8,12 @@ several rounds over the same documents; MB is 10^6 bytes of UTF-8 input.
 
 from __future__ import annotations
 
-import os
 import statistics
 import sys
 import time
 from pathlib import Path
+
+from ringlm.ext import usable_cores
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tests"))
 
@@ -98,7 +99,7 @@ def table(results: dict[str, dict[str, float]], threads: int) -> str:
 def main() -> str:
     from corpus import corpus
 
-    threads = len(os.sched_getaffinity(0))
+    threads = usable_cores()
     ours, hf, tik = contestants()
     results = {name: measure_subset(usable(docs, ours), ours, hf, tik, threads)
                for name, docs in corpus().items()}

@@ -16,6 +16,8 @@ import re
 import sys
 from pathlib import Path
 
+from ringlm.ext import usable_cores
+
 HERE = Path(__file__).resolve().parent
 RESULTS = HERE.parent / "BENCHMARKS.md"
 HEADER = ("# Benchmarks\n\nWritten by `make bench` (benchmarks/run_all.py); each section says when "
@@ -31,7 +33,7 @@ def machine() -> str:
                 break
     except OSError:
         pass
-    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
+    cores = usable_cores()
     memory_gib = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / 2**30
     return f"{model}, {cores} cores, {memory_gib:.0f} GiB, Python {platform.python_version()}, no GPU"
 

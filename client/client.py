@@ -6,9 +6,10 @@ requests sharing a system prompt share a prefix cache). The ring's bounded
 loads move a key off a node carrying more than `load_factor` times the mean.
 
 A request that meets a connection error, Overloaded or a draining server is
-sent to the next distinct node clockwise, never past its deadline; the
-deadline travels to each server as the budget that remains. Every sampled
-request carries a seed (a random one if the caller gave none), so a
+sent to the next distinct available node clockwise, never past its deadline,
+to at most `max_nodes_per_request` nodes and only while the client's retry
+budget lasts; the deadline travels to each server as the time that remains.
+Every sampled request carries a seed (a random one if the caller gave none), so a
 generation retried from scratch gives the same tokens, and a stream whose
 server dies is reopened on the next node with the prompt's ids plus the
 tokens already received (`resume_ids`): the caller sees one uninterrupted,
@@ -29,8 +30,8 @@ from dataclasses import dataclass
 from typing import TypeVar
 
 from ringlm.client.discovery import Discovery, StaticDiscovery
-from ringlm.client.errors import CancelledError, DeadlineExceededError, ModelError, NoServerAvailableError, RinglmError
-from ringlm.client.failover import RETRYABLE, Failover, deadline_from
+from ringlm.client.errors import CancelledError, DeadlineExceededError, ModelError, RinglmError
+from ringlm.client.failover import RETRYABLE, Failover, RetryBudget, deadline_from, exhausted
 from ringlm.client.pool import Node, Pool, PoolConfig
 from ringlm.client.result import PRIORITIES, Result, Timings, Usage, result_from_thrift
 from ringlm.client.ring import Ring
@@ -43,7 +44,8 @@ T = TypeVar("T")
 
 SAMPLING_OPTIONS = ("temperature", "top_k", "top_p", "min_p", "repetition_penalty", "presence_penalty",
                     "frequency_penalty", "logit_bias")
-REQUEST_OPTIONS = ("stop_token_ids", "ignore_eos", "logprobs", "top_logprobs", "add_generation_prompt")
+REQUEST_OPTIONS = ("stop_token_ids", "ignore_eos", "logprobs", "top_logprobs", "add_generation_prompt",
+                   "parse_special")
 PREFIX_KEY_CHARS = 256         # prompts that share this much share a routing key (and a prefix cache)
 PREFIX_KEY_MESSAGES = 2        # for chats: the system prompt and the first user turn
 STREAM_POLL_MS = 1000
@@ -92,6 +94,14 @@ class ClientConfig(PoolConfig):
 
     load_factor: float = 1.25             # the ring's bound: a node takes at most this times the mean load
     generate_timeout_s: float = 600.0     # the longest a generate without a deadline waits for its answer
+    max_nodes_per_request: int = 3        # distinct nodes one request tries: after three failures the fault is
+                                          # likelier the cluster's or the request's than one node's
+    # Retries may add this share to the requests sent (20%: an outage costs the cluster at most 1.2x
+    # the load)...
+    retry_budget_ratio: float = 0.2
+    # ...plus this many a second, so that a client sending little (a chat, a CLI call) can still fail
+    # over when a server dies (Finagle's RetryBudget uses the same two figures).
+    retry_budget_floor_per_s: float = 10.0
 
 
 class Client:
@@ -106,8 +116,11 @@ class Client:
         if (servers is None) == (discovery is None):
             raise TypeError("give exactly one of servers or discovery=")
         self.config = dataclasses.replace(config or ClientConfig(), **settings)
+        if self.config.max_nodes_per_request < 1:
+            raise ValueError(f"max_nodes_per_request must be at least 1, got {self.config.max_nodes_per_request}")
         self.pool = Pool(self.config)
         self.ring = Ring(load_factor=self.config.load_factor)
+        self.retry_budget = RetryBudget(self.config.retry_budget_ratio, self.config.retry_budget_floor_per_s)
         self._lock = threading.Lock()
         self.discovery = discovery or StaticDiscovery(servers)
         self.discovery.watch(self._set_nodes)
@@ -120,8 +133,10 @@ class Client:
         self.close()
 
     def close(self) -> None:
+        """Stop discovery and the health checker, close every connection, empty the ring."""
         self.discovery.close()
         self.pool.close()
+        self._set_nodes({})
 
     # -- membership and routing
 
@@ -140,27 +155,24 @@ class Client:
         """The node a request with this routing key goes to first, loads and health considered."""
         node = self._pick(key, set())
         if node is None:
-            raise NoServerAvailableError("no server is available")
+            raise exhausted(self.pool.unavailable())
         return node.address
 
     def failover(self, key: str, deadline: float | None) -> Failover:
         """The nodes a request with this routing key tries, in turn, until `deadline` (time.monotonic())."""
-        return Failover(lambda tried: self._pick(key, tried), deadline)
+        return Failover(lambda tried: self._pick(key, tried), deadline, budget=self.retry_budget,
+                        max_nodes=self.config.max_nodes_per_request, unavailable=self.pool.unavailable)
 
     def _pick(self, key: str, tried: set[str]) -> Node | None:
-        """The first untried available node for key, bounded by load; else an untried ejected one
-        (ejection may be stale); None when only draining or tried nodes are left."""
+        """The first untried available node for key, bounded by load; None when every node is tried,
+        ejected or draining (an ejected node comes back when the checker's probe finds it answering)."""
         with self._lock:   # the ring and the pool change together under it: their nodes agree
-            if not len(self.ring):
-                return None
             try:
                 address = self.ring.node_for_bounded(key, self.pool.loads(),
-                                                     exclude=tried | self.pool.unavailable())
-            except LookupError:
-                nodes = self.pool.nodes
-                address = next((address for address in self.ring.nodes_for(key)
-                                if address not in tried and not nodes[address].draining), None)
-            return None if address is None else self.pool.node(address)
+                                                     exclude=tried | self.pool.unavailable().keys())
+            except LookupError:   # no node, or every one excluded
+                return None
+            return self.pool.node(address)
 
     def _with_failover(self, key: str, deadline: float | None,
                        attempt: Callable[[Node, int | None], T]) -> T:
@@ -188,7 +200,8 @@ class Client:
                  **options) -> Result:
         """Generate text for a prompt or chat messages; options are the sampling fields
         (temperature, top_k, top_p, min_p, penalties, logit_bias) and stop_token_ids, ignore_eos,
-        logprobs, top_logprobs, add_generation_prompt."""
+        logprobs, top_logprobs, add_generation_prompt, parse_special (a prompt's control-token text as control
+        tokens: for trusted text only)."""
         request = build_request(prompt, messages, session=session, max_tokens=max_tokens, priority=priority,
                                 stop=stop, seed=seed, options=options)
         deadline = deadline_from(deadline_ms)
@@ -269,7 +282,6 @@ class Stream:
         self.result: Result | None = None
         self.server: str | None = None    # the server generating it now
         self.failed_over_from: list[str] = []
-        self._prompt_ids: list[int] | None = None
         self._chunks = self._run()
 
     def __iter__(self) -> Iterator[str]:
@@ -316,7 +328,9 @@ class Stream:
                     return
 
     def _request_for(self, connection, remaining_ms: int | None) -> thrift.GenerateRequest | None:
-        """The request as first sent, or after a failover: the prompt as ids plus what arrived so far."""
+        """The request as first sent, or after a failover the same request plus what arrived so far
+        (`resume_ids`): the next server tokenizes the prompt or messages as the first did (same model,
+        same rules, control tokens in user text kept plain), so nothing is tokenized here."""
         request = self.request
         request.deadline_ms = remaining_ms
         if not self.token_ids:
@@ -325,27 +339,12 @@ class Stream:
             self._finish(Result(text="", token_ids=[], finish_reason="length", usage=Usage(),
                                 timings=Timings(), server=connection.address))
             return None
-        if self._prompt_ids is None:
-            self._prompt_ids = self._prompt_ids_on(connection)
-        return copy_struct(request, prompt=None, messages=None, request_id=None, prompt_ids=self._prompt_ids,
-                           resume_ids=list(self.token_ids))
-
-    def _prompt_ids_on(self, connection) -> list[int]:
-        """The prompt's ids as the server tokenizes them in generate (same model, same ids)."""
-        request, timeout_s = self.request, self.client.config.read_timeout_s
-        if request.prompt_ids is not None:
-            return list(request.prompt_ids)
-        if request.prompt is not None:
-            return connection.call("tokenize", request.prompt, True, True, timeout_s=timeout_s)
-        rendered = connection.call("apply_chat_template", request.messages,
-                                   request.add_generation_prompt is not False, timeout_s=timeout_s)
-        return connection.call("tokenize", rendered, False, True, timeout_s=timeout_s)
+        return copy_struct(request, request_id=None, resume_ids=list(self.token_ids))
 
     def _finish(self, last: Result) -> None:
         """The whole result: all text, tokens and logprobs; usage, timings and the alternatives of
         each token from the server that finished (those of the servers that died went with them)."""
-        prompt_tokens = len(self._prompt_ids) if self._prompt_ids is not None else last.usage.prompt_tokens
-        last.usage = Usage(prompt_tokens=prompt_tokens, cached_prompt_tokens=last.usage.cached_prompt_tokens,
+        last.usage = Usage(prompt_tokens=last.usage.prompt_tokens, cached_prompt_tokens=last.usage.cached_prompt_tokens,
                            completion_tokens=len(self.token_ids))
         last.text, last.token_ids = self.text, list(self.token_ids)
         last.logprobs = list(self.logprobs) if self.request.logprobs or self.request.top_logprobs else None

@@ -64,7 +64,16 @@ class ModelError(RinglmError):
 
 
 class ServerUnavailableError(RinglmError, ConnectionError):
-    """One server could not be reached or went away mid-call (the client retries elsewhere)."""
+    """One server could not be reached or went away mid-call (the client retries elsewhere).
+
+    `sent` tells the two apart: False when no connection was made (refused, connect timeout, TLS
+    handshake), which says the server is down; True when the call may have reached it (reset, EOF,
+    read timeout), which may as well be this call's own fault or a long answer.
+    """
+
+    def __init__(self, message: str, server: str | None = None, sent: bool = True):
+        super().__init__(message, server)
+        self.sent = sent
 
 
 class NoServerAvailableError(RinglmError, ConnectionError):

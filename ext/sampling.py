@@ -48,7 +48,6 @@ from __future__ import annotations
 import dataclasses
 import math
 import numbers
-import os
 import struct
 from collections.abc import Mapping, Sequence
 from typing import NamedTuple
@@ -57,18 +56,16 @@ import sys
 
 import numpy as np
 
-from ringlm.ext import _sampling
+from ringlm.ext import _sampling, default_threads
 
 __all__ = ["SamplingParams", "SampledTokens", "InvalidLogitsError", "sample", "sample_on_device"]
 
 # The best tokens a top-p or min-p row starts from: most rows' nucleus fits (SmolLM2-135M at
 # top_p=0.9: nine in ten positions need fewer than 80 tokens); the others are redone from a bound.
 CPU_CANDIDATES = 64
-# Row threads by default: one on small machines, where an OpenMP barrier waits milliseconds for a
-# thread the OS has descheduled (the gevent hub, the tokenizer and torch share those cores), else
-# all cores but two; `sample(threads=...)` overrides it.
-_CORES = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
-THREADS = 1 if _CORES <= 4 else _CORES - 2
+# Row threads by default (`sample(threads=...)` overrides it): one on small machines, where an OpenMP
+# barrier waits milliseconds for a thread the OS has descheduled, else all cores but two.
+THREADS = default_threads()
 
 # repetition_penalty's range: wide enough for any practical use (vLLM and transformers take 1-2),
 # narrow enough that logit * penalty and logit / penalty of a real model's logits stay finite.

@@ -88,6 +88,8 @@ class Tokenizer:
             token_bytes, self._merge_ids(spec), sorted(added), list(spec.special_ids),
             spec.split_rule, spec.ignore_merges)
         self._template = None
+        # The texts `encode(parse_special=True)` turns into single ids (control and added tokens).
+        self._matched_texts = sorted({spec.tokens[i] for i in added if spec.tokens[i]}, key=len, reverse=True)
 
     def _merge_ids(self, spec: TokenizerSpec) -> list[tuple[int, int, int]]:
         ids = self._token_ids
@@ -225,6 +227,48 @@ class Tokenizer:
         return self._template.render(messages=list(messages),
                                      add_generation_prompt=add_generation_prompt,
                                      **special, **variables)
+
+
+    def encode_chat(self, messages: Sequence[dict], add_generation_prompt: bool = True) -> list[int]:
+        """Token ids of chat messages rendered with the model's template, in which only the template
+        writes control tokens: text like '<|im_start|>' inside a message's content is tokenized as
+        plain text, so a user cannot forge a turn or a system prompt.
+
+        Contents without such text (nearly all) give exactly `encode(apply_chat_template(...))`.
+        Otherwise the rendering is split where each content sits: the template's pieces are
+        encoded with special tokens, the contents as plain text. A template that rewrites a
+        content it contains (so the content cannot be found in the rendering) is refused then."""
+        text = self.apply_chat_template(messages, add_generation_prompt)
+        if not any(self._has_matched_text(message["content"]) for message in messages):
+            return self.encode(text)
+        ids = []
+        for piece, is_content in self._rendered_pieces(messages, add_generation_prompt, text):
+            ids += self.encode(piece, parse_special=not is_content)
+        return ids
+
+    def _has_matched_text(self, content: str) -> bool:
+        return any(token in content for token in self._matched_texts)
+
+    def _rendered_pieces(self, messages: Sequence[dict], add_generation_prompt: bool,
+                         text: str) -> list[tuple[str, bool]]:
+        """The rendering as (piece, is a message's content) in order, found by rendering once more
+        with each content replaced by a marker that no template changes."""
+        markers = [f"\ue000{i}\ue001" for i in range(len(messages))]
+        marked = self.apply_chat_template([{**m, "content": marker} for m, marker in zip(messages, markers)],
+                                          add_generation_prompt)
+        pieces, position = [], 0
+        for marker, message in zip(markers, messages):
+            found = marked.find(marker, position)
+            if found < 0 or marked.find(marker, found + 1) >= 0:
+                raise ValueError("the chat template rewrites or repeats message contents, so control-token "
+                                 "text in them cannot be kept plain; remove it from the messages")
+            pieces += [(marked[position:found], False), (message["content"], True)]
+            position = found + len(marker)
+        pieces.append((marked[position:], False))
+        if "".join(piece for piece, _ in pieces) != text:
+            raise ValueError("the chat template renders message contents conditionally; control-token "
+                             "text in them cannot be kept plain; remove it from the messages")
+        return [(piece, is_content) for piece, is_content in pieces if piece]
 
 
 class IncrementalDecoder:

@@ -92,6 +92,13 @@ struct GenerateRequest {
    * the continuation is what the first server would have produced.
    */
   16: optional list<i32> resume_ids,
+  /**
+   * For prompt: turn control-token text written in it ('<|im_start|>', '<|im_end|>' ...)
+   * into the control tokens, for a caller that formats a chat itself. Off by default, so
+   * text from users cannot forge turns; message contents are always plain text, and only
+   * the model's chat template writes control tokens around them.
+   */
+  17: optional bool parse_special = false,
 }
 
 struct Usage {
@@ -213,15 +220,19 @@ service Generator {
   /**
    * Long-poll a stream: returns as soon as there is something new, or after wait_ms
    * with nothing new. The last chunk has done = true and the whole result, whose
-   * finish_reason says how it ended (DEADLINE, CANCELLED and ERROR included). A stream
-   * not polled for the server's stream idle timeout is cancelled; so are the streams
-   * of a connection that closes.
+   * finish_reason says how it ended (DEADLINE, CANCELLED and ERROR included), except that a
+   * draining server that sends the request away raises Overloaded(draining=true): the client
+   * resumes it elsewhere from the tokens it received. Reading slowly never cancels a
+   * running stream; a finished stream whose last chunk is not polled within the server's
+   * stream idle timeout (600 s by default) is dropped. The streams of a connection that
+   * closes are cancelled.
    */
   StreamChunk next_chunk(1: string stream_id, 2: i32 wait_ms)
-      throws (1: InvalidRequest invalid, 5: Unauthorized unauthorized, 6: ModelError model_error),
+      throws (1: InvalidRequest invalid, 2: Overloaded overloaded, 5: Unauthorized unauthorized,
+              6: ModelError model_error),
 
   /** End a request at the next step, from any connection that knows its id; false if the server does not know it. */
-  bool cancel(1: string request_id) throws (5: Unauthorized unauthorized),
+  bool cancel(1: string request_id) throws (1: InvalidRequest invalid, 5: Unauthorized unauthorized),
 
   list<i32> tokenize(1: string text, 2: bool add_special_tokens, 3: bool parse_special)
       throws (1: InvalidRequest invalid, 5: Unauthorized unauthorized),

@@ -27,7 +27,7 @@ class ServiceLimits:
     """
 
     max_open_streams: int = 256
-    stream_idle_timeout_s: float = 60.0
+    stream_idle_timeout_s: float = 600.0
     max_wait_ms: int = 30_000
     max_stop_strings: int = 16
     max_stop_length: int = 256
@@ -81,8 +81,8 @@ class WorkerConfig:
     # the handler's per-request limits (ServiceLimits)
     max_open_streams: int = option(ServiceLimits.max_open_streams, "streams open at once before open_stream is "
                                                                    "Overloaded", at_least=1)
-    stream_idle_timeout_s: float = option(ServiceLimits.stream_idle_timeout_s, "seconds a stream may go unpolled "
-                                                                               "before it is cancelled", above=0)
+    stream_idle_timeout_s: float = option(ServiceLimits.stream_idle_timeout_s, "seconds a finished stream keeps "
+                                          "its last chunk for a client that has not polled it", above=0)
     max_wait_ms: int = option(ServiceLimits.max_wait_ms, "the longest a next_chunk call waits for tokens",
                               at_least=1)
     max_stop_strings: int = option(ServiceLimits.max_stop_strings, "stop strings per request", at_least=0)
@@ -104,7 +104,10 @@ class WorkerConfig:
     max_frame_bytes: int = option(1 << 20, "largest framed message; a longer length header closes the connection",
                                   at_least=1)
     idle_timeout_s: float = option(300.0, "seconds a connection may stay silent between calls", above=0)
-    frame_timeout_s: float = option(10.0, "seconds a frame (and a TLS handshake) may take to arrive once started",
+    auth_timeout_s: float = option(10.0, "with --auth-token-file: seconds a connection may stay unauthenticated "
+                                         "(health calls do not extend it)", above=0)
+    frame_timeout_s: float = option(10.0, "seconds a frame (and a TLS handshake) may take to arrive once started, "
+                                          "and a reply to be taken by the client",
                                     above=0)
     drain_grace_s: float = option(30.0, "seconds SIGTERM waits for running work before exiting", at_least=0)
     metrics_port: int | None = option(None, "serve Prometheus metrics on this port (with --workers N: the first "
@@ -119,6 +122,8 @@ class WorkerConfig:
                                          "for clients to find")
     weight: float = option(1.0, "this worker's share of the ring's keys relative to others, as registered in "
                                 "ZooKeeper", above=0)
+    zookeeper_auth_file: str | None = option(None, "file with ZooKeeper digest credentials (user:password): only "
+                                                   "they may change or delete this worker's znode")
 
     def __post_init__(self) -> None:
         for item in dataclasses.fields(self):

@@ -29,8 +29,14 @@ from ringlm.server.engine import (Engine, FinishReason, GenerationRequest, Gener
 log = logging.getLogger(__name__)
 request_log = logging.getLogger("ringlm.requests")
 
-# The IDL's FinishReason names the engine's reasons one for one.
-FINISH_REASONS = {reason: getattr(thrift.FinishReason, reason.name) for reason in FinishReason}
+# The IDL's FinishReason names the engine's reasons one for one, but for SENT_AWAY, which never
+# reaches a result: it is answered as Overloaded(draining), so the client runs the request elsewhere.
+FINISH_REASONS = {reason: getattr(thrift.FinishReason, reason.name) for reason in FinishReason
+                  if reason != FinishReason.SENT_AWAY}
+SENT_AWAY_MESSAGE = "the server is draining and sent this request away; run it elsewhere"
+AUTH_FAILURE_DELAY_S = 0.1        # the first wrong token's delay; it doubles with each one after
+MAX_AUTH_FAILURE_DELAY_S = 2.0
+MAX_AUTH_FAILURES = 5             # wrong tokens a connection may send before it is closed
 MODEL_ERROR_MESSAGE = "the model produced invalid logits (NaN or all -inf) for this request"
 NOT_AUTHENTICATED = "this server requires authenticate(token) first on each connection"
 AUTH_FREE_METHODS = frozenset({"health", "ready", "authenticate"})   # callable before authenticate()
@@ -69,13 +75,16 @@ class Service:
         return f"{self.server_name}-{secrets.token_hex(12)}"
 
     def reap_idle_streams(self) -> None:
-        """Cancel streams nobody polled within the idle timeout (the worker calls this periodically)."""
+        """Drop finished streams whose last chunk nobody polled within the idle timeout of their end or
+        their last poll, whichever came later (the worker calls
+        this periodically). A running stream is never cancelled for being read slowly: a slow consumer
+        keeps it, and an abandoned one ends with its connection (closed, idle, or found dead by TCP
+        keepalive)."""
         horizon = time.monotonic() - self.limits.stream_idle_timeout_s
         for stream_id, stream in list(self.streams.items()):
-            if stream.last_polled < horizon:
-                log.info("stream %s not polled for %.0f s: cancelled", stream_id,
+            if stream.handle.finished and max(stream.last_polled, stream.handle.finished_at) < horizon:
+                log.info("stream %s finished and not polled for %.0f s: dropped", stream_id,
                          self.limits.stream_idle_timeout_s)
-                stream.handle.cancel()
                 self.streams.pop(stream_id, None)
                 stream.owner.opened_streams.discard(stream_id)
 
@@ -136,6 +145,8 @@ class ConnectionHandler:
     def __init__(self, service: Service, wait_peer_gone: Callable[[], object] | None = None):
         self.service = service
         self.authenticated = service.auth_token is None
+        self.auth_failures = 0
+        self.closing = False          # the worker closes the connection after this call's reply
         self.opened_streams: set[str] = set()
         self.wait_peer_gone = wait_peer_gone
 
@@ -144,6 +155,12 @@ class ConnectionHandler:
     def authenticate(self, token: str) -> None:
         expected = self.service.auth_token
         if expected is not None and not hmac.compare_digest((token or "").encode(), expected.encode()):
+            # Each wrong guess on a connection waits twice as long as the one before it, and after a few the
+            # connection is closed: guessing costs time and connections (themselves capped, and closed
+            # when unauthenticated for --auth-timeout-s).
+            self.auth_failures += 1
+            gevent.sleep(min(AUTH_FAILURE_DELAY_S * 2 ** (self.auth_failures - 1), MAX_AUTH_FAILURE_DELAY_S))
+            self.closing = self.auth_failures >= MAX_AUTH_FAILURES
             raise thrift.Unauthorized(message="wrong auth token")
         self.authenticated = True
 
@@ -178,6 +195,8 @@ class ConnectionHandler:
             if watcher is not None:
                 watcher.kill(block=False)
         self._log(result)
+        if result.finish_reason == FinishReason.SENT_AWAY:
+            raise thrift.Overloaded(message=SENT_AWAY_MESSAGE, retry_after_ms=0, draining=True)
         if result.finish_reason == FinishReason.ERROR:
             raise thrift.ModelError(message=MODEL_ERROR_MESSAGE)
         thrift_result = self._to_thrift(result, request.logprobs or bool(request.top_logprobs))
@@ -198,7 +217,8 @@ class ConnectionHandler:
         limit = self.service.limits.max_open_streams
         if len(self.service.streams) >= limit:
             raise thrift.Overloaded(message=f"{limit} streams are open, the server's limit",
-                                    retry_after_ms=1000, draining=self.service.draining)
+                                    retry_after_ms=self.service.engine.scheduler.retry_after_ms(),
+                                    draining=self.service.draining)
         if request is not None and request.request_id in self.service.streams:
             # A finished stream whose last chunk nobody read yet keeps its id until it is read.
             raise invalid("request_id", f"'{request.request_id}' names a stream that is still open")
@@ -225,6 +245,9 @@ class ConnectionHandler:
             stream.owner.opened_streams.discard(stream_id)
             result = stream.handle.result()
             self._log(result)
+            if result.finish_reason == FinishReason.SENT_AWAY:
+                # What came since the last poll is dropped: the client resumes elsewhere from what it has.
+                raise thrift.Overloaded(message=SENT_AWAY_MESSAGE, retry_after_ms=0, draining=True)
             chunk.done, chunk.result = True, self._to_thrift(result, stream.logprobs)
         stream.last_polled = time.monotonic()
         return chunk
@@ -327,20 +350,25 @@ class ConnectionHandler:
         tokenizer = self.service.tokenizer
         try:
             if request.prompt is not None:
-                return tokenizer.encode(request.prompt, add_special_tokens=True)
-            if request.messages is not None:
-                rendered = self._render(request.messages, request.add_generation_prompt is not False)
-                return tokenizer.encode(rendered)
+                return tokenizer.encode(request.prompt, add_special_tokens=True,
+                                        parse_special=bool(request.parse_special))
         except ValueError as error:
             raise invalid(given[0], str(error)) from None
+        if request.messages is not None:
+            return self._with_template(tokenizer.encode_chat, request.messages,
+                                       request.add_generation_prompt is not False)
         return list(request.prompt_ids)
 
     def _render(self, messages: list, add_generation_prompt: bool) -> str:
+        return self._with_template(self.service.tokenizer.apply_chat_template, messages, add_generation_prompt)
+
+    def _with_template(self, apply, messages: list, add_generation_prompt: bool):
+        """apply(messages as dicts, add_generation_prompt) with the template's failures as InvalidRequest."""
         if not messages or len(messages) > self.service.limits.max_messages:
             raise invalid("messages", f"give 1..{self.service.limits.max_messages} messages")
         plain = [{"role": m.role, "content": m.content} for m in messages if m is not None]
         try:
-            return self.service.tokenizer.apply_chat_template(plain, add_generation_prompt=add_generation_prompt)
+            return apply(plain, add_generation_prompt)
         except ValueError as error:
             raise invalid("messages", str(error)) from None
         except Exception as error:   # a template's raise_exception() or a rendering fault

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 from collections.abc import Callable, Iterator
 
+import gevent.pool
 from gevent.pywsgi import WSGIServer
 from prometheus_client import CollectorRegistry, Counter, Histogram, make_wsgi_app
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
@@ -19,6 +20,8 @@ from ringlm.server.engine import GenerationResult
 # Seconds; from a fast cached prompt to a long queue wait.
 LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0)
 PER_TOKEN_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.02, 0.04, 0.08, 0.16, 0.32, 0.64, 1.28)
+MAX_SCRAPERS = 16          # metrics connections served at once (Prometheus needs one per scrape)
+SCRAPE_TIMEOUT_S = 10.0
 
 
 class EngineCollector(Collector):
@@ -102,7 +105,18 @@ class Metrics:
         self.requests.labels(outcome).inc()
 
     def serve(self, host: str, port: int) -> WSGIServer:
-        """Serve /metrics (any path, in fact) on host:port from the hub."""
-        self.server = WSGIServer((host, port), make_wsgi_app(self.registry), log=None)
+        """Serve /metrics (any path, in fact) on host:port from the hub, to at most MAX_SCRAPERS clients at
+        once (more wait in the backlog), each given SCRAPE_TIMEOUT_S to send its request and take the page."""
+        self.server = BoundedWSGIServer((host, port), make_wsgi_app(self.registry), log=None,
+                                        spawn=gevent.pool.Pool(MAX_SCRAPERS))
         self.server.start()
         return self.server
+
+
+class BoundedWSGIServer(WSGIServer):
+    """gevent's WSGI server with a time limit on every socket operation: a scraper that opens a
+    connection and sends nothing would otherwise hold its greenlet for ever."""
+
+    def handle(self, sock, address):
+        sock.settimeout(SCRAPE_TIMEOUT_S)
+        return super().handle(sock, address)

@@ -3,15 +3,19 @@
 Each worker is `python -m ringlm.server.worker` with the same flags, its own
 port, metrics port and index (which picks its GPU). A worker that exits while
 the supervisor is not stopping is restarted after a back-off that doubles on
-each quick death and resets once a worker has stayed up a while. SIGTERM (or
-SIGINT) is passed on to every worker, which drains; the supervisor waits for
-them and exits 0 when all of them did.
+each quick death and resets once a worker has stayed up a while; a worker
+that exits with a configuration error stops the supervisor instead. SIGTERM
+(or SIGINT) is passed on to every worker, which drains; the supervisor waits
+for them and exits 0 when all of them did. The workers also get SIGTERM from
+the kernel if the supervisor itself dies (kill -9 included).
 """
 
 from __future__ import annotations
 
+import ctypes
 import dataclasses
 import logging
+import os
 import signal
 import subprocess
 import sys
@@ -27,6 +31,8 @@ FIRST_BACKOFF_S = 0.5
 MAX_BACKOFF_S = 30.0
 STABLE_AFTER_S = 60.0      # a worker up this long restarts at once when it next dies
 KILL_AFTER_GRACE_S = 10.0  # past the drain grace period, a worker that has not exited is killed
+CONFIG_ERROR_EXIT = 2      # a worker's exit code for a configuration it cannot start with (worker.main)
+PR_SET_PDEATHSIG = 1       # linux/prctl.h
 
 
 @dataclass
@@ -44,9 +50,12 @@ class Supervisor:
             raise ValueError(f"a supervisor needs at least one worker, got {workers}")
         self.workers = [WorkerProcess(worker_config(config, index)) for index in range(workers)]
         self.stopping = False
+        self.config_error = False
 
     def run(self) -> int:
-        """Start the workers, keep them running until SIGTERM/SIGINT, then drain them; the exit code."""
+        """Start the workers, keep them running until SIGTERM/SIGINT, then drain them; the exit code.
+        A worker that cannot start with its configuration (a missing model, a port in use) stops them all
+        with that exit code: restarting it would fail the same way for ever."""
         for signum in (signal.SIGTERM, signal.SIGINT):
             signal.signal(signum, self.stop)
         for worker in self.workers:
@@ -54,11 +63,12 @@ class Supervisor:
         while not self.stopping:
             self.restart_dead(time.monotonic())
             time.sleep(POLL_S)
-        return self.wait_for_drain()
+        code = self.wait_for_drain()
+        return CONFIG_ERROR_EXIT if self.config_error else code
 
     def start(self, worker: WorkerProcess) -> None:
         argv = [sys.executable, "-m", "ringlm.server.worker", *config_to_argv(worker.config)]
-        worker.process = subprocess.Popen(argv)
+        worker.process = subprocess.Popen(argv, preexec_fn=die_with_parent(os.getpid()))
         worker.started = time.monotonic()
         log.info("worker %d started on port %d (pid %d)", worker.config.worker_index, worker.config.port,
                  worker.process.pid)
@@ -73,6 +83,12 @@ class Supervisor:
             if code is None:
                 continue
             worker.process = None
+            if code == CONFIG_ERROR_EXIT:
+                log.error("worker %d on port %d cannot start with this configuration (its log says why): "
+                          "stopping", worker.config.worker_index, worker.config.port)
+                self.config_error = True
+                self.stop(signal.SIGTERM)
+                return
             if now - worker.started >= STABLE_AFTER_S:
                 worker.backoff_s = FIRST_BACKOFF_S
             worker.restart_at = now + worker.backoff_s
@@ -101,6 +117,18 @@ class Supervisor:
                 codes.append(worker.process.wait())
         log.info("all workers stopped (%s)", ", ".join(describe_exit(code) for code in codes) or "none running")
         return 0 if all(code == 0 for code in codes) else 1
+
+
+def die_with_parent(parent_pid: int):
+    """A preexec function for a worker: have the kernel send it SIGTERM (so it drains and leaves the
+    ring) when the supervisor dies, even by kill -9, so no worker serves on unsupervised. Linux only;
+    elsewhere the worker outlives a killed supervisor."""
+    def arrange() -> None:
+        if sys.platform.startswith("linux"):
+            ctypes.CDLL(None, use_errno=True).prctl(PR_SET_PDEATHSIG, signal.SIGTERM)
+            if os.getppid() != parent_pid:   # the supervisor died before the request took effect
+                os.kill(os.getpid(), signal.SIGTERM)
+    return arrange
 
 
 def worker_config(config: WorkerConfig, index: int) -> WorkerConfig:

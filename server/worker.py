@@ -50,6 +50,9 @@ RECV_BYTES = 65536
 PEER_RECHECK_S = 0.25      # how often a call with unread bytes behind it rechecks for a hang-up
 REAP_INTERVAL_S = 1.0
 DRAIN_POLL_S = 0.05
+KEEPALIVE_IDLE_S, KEEPALIVE_INTERVAL_S, KEEPALIVE_PROBES = 30, 10, 3   # a vanished peer is noticed in ~60 s
+RESERVED_FILES = 256       # open files beyond the connections: model files, metrics, ZooKeeper, threads
+DRAIN_ANSWER_S = 5.0       # after the grace, how long sent-away callers have to collect their answer
 # Before authenticate() only health, ready and authenticate(token) are read: their frames are small, so
 # an unknown client gets nothing walked at length (their unknown fields included).
 PRE_AUTH_MAX_FRAME_BYTES = 4096
@@ -70,28 +73,51 @@ class InboundConnection:
         self.buffer = bytearray()
         self.handler = ConnectionHandler(worker.service, wait_peer_gone=self.wait_peer_gone)
         self.processor = TProcessor(thrift.Generator, self.handler)
+        self.auth_deadline = time.monotonic() + self.config.auth_timeout_s
 
     def serve(self) -> None:
         try:
             while (frame := self.read_frame()) is not None:
                 self.worker.calls_in_progress += 1
                 try:
-                    self.sock.sendall(self.process(frame))
+                    self.reply(self.process(frame))
                 finally:
                     self.worker.calls_in_progress -= 1
+                if self.handler.closing:
+                    raise FrameError(f"{self.handler.auth_failures} wrong auth tokens")
         finally:
             self.handler.close()   # the streams this connection opened die with it
 
+    def reply(self, data: bytes) -> None:
+        """Send a reply; a client that does not take it within the frame timeout is dropped."""
+        self.sock.settimeout(self.config.frame_timeout_s)
+        try:
+            self.sock.sendall(data)
+        except TimeoutError:
+            raise FrameError(f"the client did not take a {len(data)}-byte reply within "
+                             f"{self.config.frame_timeout_s:g} s") from None
+
     # -- framing
+
+    def silence_allowed(self) -> tuple[float, str]:
+        """How long the connection may now stay silent, and what to say when it did: the idle timeout,
+        or less while it has not authenticated on a server that wants a token."""
+        if self.handler.authenticated:
+            return self.config.idle_timeout_s, f"idle for {self.config.idle_timeout_s:g} s"
+        left = self.auth_deadline - time.monotonic()
+        if left <= 0:
+            raise FrameError(f"not authenticated within {self.config.auth_timeout_s:g} s")
+        return min(left, self.config.idle_timeout_s), f"not authenticated within {self.config.auth_timeout_s:g} s"
 
     def read_frame(self) -> bytes | None:
         """The next frame's body, or None when the client closed the connection between frames."""
         if not self.buffer:
-            self.sock.settimeout(self.config.idle_timeout_s)
+            timeout_s, reason = self.silence_allowed()
+            self.sock.settimeout(timeout_s)
             try:
                 chunk = self.sock.recv(RECV_BYTES)
             except TimeoutError:
-                raise FrameError(f"idle for {self.config.idle_timeout_s:g} s") from None
+                raise FrameError(reason) from None
             if not chunk:
                 return None
             self.buffer += chunk
@@ -222,10 +248,12 @@ class Worker:
         return self.exit_code
 
     def register(self) -> None:
-        """Join the cluster in ZooKeeper once listening, so clients never see a server that cannot answer."""
+        """Join the cluster in ZooKeeper once listening, so clients never see a server that cannot answer;
+        in the background, so a ZooKeeper that is away delays joining, never serving."""
         from ringlm.server.registration import Registration
         self.registration = Registration(self.config.zookeeper, self.config.address, weight=self.config.weight,
-                                         model=self.service.model_name, gevent=True)
+                                         model=self.service.model_name, gevent=True,
+                                         credentials=read_token_file(self.config.zookeeper_auth_file))
 
     def deregister(self) -> None:
         registration, self.registration = self.registration, None
@@ -246,6 +274,7 @@ class Worker:
             return
         self.service.connections += 1
         try:
+            keep_alive(sock)
             if self.ssl_context is not None:
                 sock = self.handshake(sock)
             InboundConnection(self, sock).serve()
@@ -274,8 +303,9 @@ class Worker:
         """Stop accepting, refuse new work, let running work finish (up to the grace period), then stop."""
         if self.service.draining:
             return
-        log.info("draining: finishing %d requests within %g s", len(self.service.engine.in_flight),
-                 self.config.drain_grace_s)
+        sent_away = self.service.engine.send_away()   # queued work goes elsewhere now, not after the grace
+        log.info("draining: finishing %d requests within %g s, %d queued ones sent away",
+                 len(self.service.engine.in_flight) - sent_away, self.config.drain_grace_s, sent_away)
         self.service.draining = True
         self.server.close()
         self.leaving = gevent.spawn(self.deregister)   # clients stop sending here now, not at exit
@@ -285,19 +315,65 @@ class Worker:
         return bool(self.service.engine.in_flight or self.service.streams or self.calls_in_progress)
 
     def _finish_drain(self) -> None:
-        deadline = time.monotonic() + self.config.drain_grace_s
+        self._wait_while_busy(self.config.drain_grace_s)
+        if self.busy():
+            # Running work past the grace is sent away too: each caller gets Overloaded(draining) and
+            # runs it elsewhere (a stream resumes from its tokens), rather than a closed connection.
+            log.warning("drain grace period over with work left: %d requests sent away, %d calls",
+                        self.service.engine.send_away(running=True), self.calls_in_progress)
+            self._wait_while_busy(DRAIN_ANSWER_S)
+        self.stopped.set()
+
+    def _wait_while_busy(self, seconds: float) -> None:
+        deadline = time.monotonic() + seconds
         while self.busy() and time.monotonic() < deadline:
             gevent.sleep(DRAIN_POLL_S)
-        if self.busy():
-            log.warning("drain grace period over with work left: %d requests, %d calls",
-                        len(self.service.engine.in_flight), self.calls_in_progress)
-        self.stopped.set()
 
     def engine_died(self, loop: gevent.Greenlet) -> None:
         """Without its engine loop a worker can only hang its callers: exit so the supervisor restarts it."""
         log.critical("the engine loop died: %r", loop.exception)
         self.exit_code = 1
         self.stopped.set()
+
+
+def check_registration(config: WorkerConfig) -> None:
+    """Refuse, before the model loads, what ZooKeeper registration would refuse later: a weight clients
+    would ignore, a credentials file that is missing or empty."""
+    if config.zookeeper_auth_file and not config.zookeeper:
+        raise ValueError("--zookeeper-auth-file needs --zookeeper")
+    if config.zookeeper:
+        from ringlm.client.discovery import check_weight
+        try:
+            check_weight(config.weight)
+        except ValueError as error:
+            raise ValueError(f"--weight: {error}") from None
+        read_token_file(config.zookeeper_auth_file)
+
+
+def keep_alive(sock: socket.socket) -> None:
+    """TCP keepalive probes, so a peer that vanished without closing (a dead host, a cut link) is noticed
+    in about a minute and its running generation cancelled, instead of running to max_tokens."""
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_KEEPALIVE, 1)
+    for option, value in (("TCP_KEEPIDLE", KEEPALIVE_IDLE_S), ("TCP_KEEPINTVL", KEEPALIVE_INTERVAL_S),
+                          ("TCP_KEEPCNT", KEEPALIVE_PROBES)):
+        if hasattr(socket, option):   # Linux names; other systems keep their defaults
+            sock.setsockopt(socket.IPPROTO_TCP, getattr(socket, option), value)
+
+
+def raise_open_file_limit(max_connections: int) -> int:
+    """Raise this process's soft limit on open files so --max-connections (plus the model's files, the
+    metrics server and ZooKeeper) fits; a ValueError naming the flag when the hard limit is too low."""
+    import resource
+
+    needed = max_connections + RESERVED_FILES
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if hard != resource.RLIM_INFINITY and hard < needed:
+        raise ValueError(f"--max-connections {max_connections} needs {needed} open files, but the hard limit "
+                         f"(ulimit -Hn) is {hard}")
+    if soft != resource.RLIM_INFINITY and soft < needed:
+        resource.setrlimit(resource.RLIMIT_NOFILE, (needed, hard))
+        soft = needed
+    return soft
 
 
 def tls_context(config: WorkerConfig) -> ssl.SSLContext | None:
@@ -337,6 +413,8 @@ def run(config: WorkerConfig) -> int:
         # gevent's monitor thread prints the stack of any greenlet that holds the hub this long.
         gevent.config.monitor_thread = True
         gevent.config.max_blocking_time = config.debug_blocking_ms / 1000
+    raise_open_file_limit(config.max_connections)
+    check_registration(config)
     ssl_context = tls_context(config)
     service = build_service(config)
     worker = Worker(config, service, ssl_context)

@@ -77,14 +77,22 @@ def answers_health(port: int, ssl_context=None) -> bool:
 class WorkerProcess:
     """`python -m ringlm.server.worker` on a free port; stderr goes to a log file the tests can read."""
 
-    def __init__(self, model: Path, log_path: Path, *flags: str, port: int | None = None, **tls):
+    def __init__(self, model: Path, log_path: Path, *flags: str, port: int | None = None,
+                 soft_open_files: int | None = None, **tls):
         self.port = port or free_port()
         self.log_path = log_path
         self.tls = tls
         argv = [sys.executable, "-m", "ringlm.server.worker", "--model", str(model), "--port", str(self.port),
                 "--torch-threads", "1", "--max-seq-len", "256", *flags]
+
+        def limit_open_files() -> None:   # in the child, before it runs: as a low `ulimit -Sn` would
+            import resource
+            hard = resource.getrlimit(resource.RLIMIT_NOFILE)[1]
+            resource.setrlimit(resource.RLIMIT_NOFILE, (soft_open_files, hard))
+
         with open(log_path, "wb") as log:
-            self.process = subprocess.Popen(argv, stdout=log, stderr=subprocess.STDOUT)
+            self.process = subprocess.Popen(argv, stdout=log, stderr=subprocess.STDOUT,
+                                            preexec_fn=limit_open_files if soft_open_files else None)
 
     def wait_ready(self) -> WorkerProcess:
         deadline = time.monotonic() + READY_TIMEOUT_S

@@ -196,6 +196,46 @@ def test_when_every_server_is_down_the_error_names_each(tmp_path):
     assert isinstance(error.value, ConnectionError)
 
 
+def test_an_oversize_request_is_refused_by_the_client_and_reaches_no_server(client, cluster):
+    refused = [w.log().count("frame length") for w in cluster]
+    prompt = "x" * (1 << 20)   # over the servers' (and the client's) max_frame_bytes once serialized
+    for call in (lambda: client.generate(prompt, max_tokens=2), lambda: list(client.stream(prompt, max_tokens=2))):
+        with pytest.raises(InvalidRequestError, match="max_frame_bytes"):
+            call()
+    assert [w.log().count("frame length") for w in cluster] == refused   # no server saw a frame
+    assert all(node.available() and node.suspected is None for node in client.pool.nodes.values())
+
+
+def never_ejected(client: Client, log_text: str) -> bool:
+    """Every node available, none waiting for a probe, and none ever ejected (the pool logs each ejection)."""
+    settled = all(node.available() and node.suspected is None for node in client.pool.nodes.values())
+    return settled and " ejected for " not in log_text
+
+
+def test_a_server_hanging_up_on_a_request_makes_it_suspect_and_its_probe_keeps_it(cluster, caplog):
+    # This client's frames may be larger than the servers accept: they close the connection on them,
+    # which is this request's fault, not the servers'.
+    with fast_client([address(w) for w in cluster], max_frame_bytes=4 << 20) as client:
+        with pytest.raises(NoServerAvailableError) as error:
+            client.generate("x" * (2 << 20), max_tokens=2)
+        assert len(error.value.errors) == client.config.max_nodes_per_request == 3
+        assert all(isinstance(e, ServerUnavailableError) and e.sent for e in error.value.errors.values())
+        wait_until(lambda: all(node.suspected is None for node in client.pool.nodes.values()), timeout_s=30,
+                   what="the probes of the suspect nodes")
+        assert never_ejected(client, caplog.text), caplog.text
+        assert client.generate(STORY, max_tokens=2).server in client.servers
+
+
+def test_a_generate_outlasting_its_read_timeout_does_not_eject_its_server(cluster, caplog):
+    with fast_client([address(w) for w in cluster], generate_timeout_s=0.01, max_nodes_per_request=1) as client:
+        with pytest.raises(NoServerAvailableError) as error:
+            client.generate(STORY, max_tokens=240, ignore_eos=True)   # 240 engine steps: far more than 10 ms
+        (server, timeout), = error.value.errors.items()
+        assert isinstance(timeout, ServerUnavailableError) and timeout.sent and "timed out" in timeout.message
+        wait_until(lambda: client.pool.node(server).suspected is None, timeout_s=30, what="the probe")
+        assert never_ejected(client, caplog.text), caplog.text
+
+
 def test_a_server_that_never_answers_cannot_hold_a_request_past_its_deadline():
     silent = socket.socket()   # accepts connections into its backlog and never replies
     silent.bind(("127.0.0.1", 0))

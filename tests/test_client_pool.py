@@ -1,11 +1,16 @@
-"""The client's parts without servers: pool ejection and back-off (real sockets to closed ports), routing
-keys, requests, error mapping, the failover walk, static discovery, and the helpers for addresses, tokens,
+"""The client's parts without servers: pool ejection, suspicion and back-off (real sockets to closed ports
+and to sockets that hang up), the frame size check, routing keys, requests, error mapping, the failover
+walk and its retry budget, static discovery and the znode format, and the helpers for addresses, tokens,
 probes, Thrift structs and configuration."""
 
 from __future__ import annotations
 
+import math
 import socket
+import ssl
+import threading
 import time
+from contextlib import contextmanager
 
 import pytest
 
@@ -13,16 +18,17 @@ from ringlm.client import Client, ClientConfig
 from ringlm.client.address import parse_server_list, split_address
 from ringlm.client.auth import read_token_file
 from ringlm.client.client import build_request, routing_key
-from ringlm.client.discovery import StaticDiscovery, member_data, member_path, parse_member
+from ringlm.client.discovery import (MAX_WEIGHT, StaticDiscovery, in_networks, member_acl, member_data, member_path,
+                                     parse_credentials, parse_member, parse_networks)
 from ringlm.client.errors import (CancelledError, DeadlineExceededError, InvalidRequestError,
                                   NoServerAvailableError, OverloadedError, ServerUnavailableError, from_thrift)
-from ringlm.client.failover import Failover, exhausted
+from ringlm.client.failover import Failover, RetryBudget, exhausted
 from ringlm.client.pool import Node, Pool, PoolConfig
 from ringlm.client.probe import answers_health, probe
 from ringlm.client.result import FINISH_REASONS, PRIORITIES, result_from_thrift
 from ringlm.idl import copy_struct, to_dict
 from ringlm.idl import ringlm_thrift as thrift
-from tests.server_helpers import free_port
+from tests.server_helpers import free_port, wait_until
 
 
 def closed_address() -> str:
@@ -31,6 +37,42 @@ def closed_address() -> str:
 
 def config(**overrides) -> PoolConfig:
     return PoolConfig(**{"first_backoff_s": 0.5, "max_backoff_s": 2.0, "health_interval_s": 0, **overrides})
+
+
+@contextmanager
+def listening(serve_connection):
+    """A local server that runs serve_connection(sock) for each connection it accepts; its address."""
+    server = socket.socket()
+    server.bind(("127.0.0.1", 0))
+    server.listen(16)
+
+    def accept_forever():
+        while True:
+            try:
+                sock, _ = server.accept()
+            except OSError:
+                return   # closed: the test is over
+            with sock:
+                serve_connection(sock)
+
+    threading.Thread(target=accept_forever, daemon=True).start()
+    try:
+        yield f"127.0.0.1:{server.getsockname()[1]}"
+    finally:
+        server.close()
+
+
+def hang_up(sock: socket.socket) -> None:
+    """Read the call, then close without answering: a failure after sending."""
+    sock.recv(65536)
+
+
+def silent_server():
+    """A socket that accepts connections into its backlog and never replies."""
+    silent = socket.socket()
+    silent.bind(("127.0.0.1", 0))
+    silent.listen(8)
+    return silent
 
 
 # -- ejection and back-off
@@ -43,9 +85,18 @@ def test_a_refused_connection_ejects_the_node_for_a_doubling_capped_backoff():
         with pytest.raises(ServerUnavailableError) as error:
             node.call("health")
         assert error.value.server == node.address and isinstance(error.value, ConnectionError)
+        assert error.value.sent is False
         assert not node.available() and node.ejected_until > time.monotonic()
     assert backoffs == [0.5, 1.0, 2.0, 2.0]
     assert node.in_flight == 0
+
+
+def test_a_failed_tls_handshake_ejects_the_node_at_once():
+    with listening(lambda sock: None) as address:   # a plain TCP server that hangs up on the handshake
+        node = Node(address, config(ssl_context=ssl.create_default_context()))
+        with pytest.raises(ServerUnavailableError) as error:
+            node.call("health")
+        assert error.value.sent is False and not node.available()
 
 
 def test_the_checker_probes_an_ejected_node_only_once_its_backoff_has_passed():
@@ -67,11 +118,66 @@ def test_unavailable_nodes_are_the_ejected_and_the_draining():
     pool = Pool(config())
     first, second, third = (closed_address() for _ in range(3))
     pool.set_nodes([first, second, third])
-    pool.node(first).eject("test")
+    pool.node(first).eject("refused")
     pool.node(second).draining = True
-    assert pool.unavailable() == {first, second}
+    unavailable = pool.unavailable()
+    assert set(unavailable) == {first, second}
+    assert isinstance(unavailable[first], ServerUnavailableError) and unavailable[first].message == "ejected: refused"
+    assert isinstance(unavailable[second], OverloadedError) and unavailable[second].draining
     pool.node(first).readmit()
-    assert pool.unavailable() == {second}
+    assert set(pool.unavailable()) == {second}
+
+
+def test_a_call_that_fails_after_sending_makes_the_node_suspect_and_only_a_failed_probe_ejects_it():
+    test_over = threading.Event()
+
+    def stall(sock: socket.socket) -> None:
+        sock.recv(65536)
+        test_over.wait(60)
+
+    for serve in (hang_up, stall):   # end of file, then a read timeout
+        with listening(serve) as address:
+            pool = Pool(config(read_timeout_s=0.2, connect_timeout_s=0.2))
+            pool.set_nodes([address])
+            node = pool.node(address)
+            with pytest.raises(ServerUnavailableError) as error:
+                node.call("health")
+            assert error.value.sent is True
+            assert node.available() and node.suspected == error.value.message   # not ejected by the call
+            pool.check_suspects()                                                   # the probe fails too
+            assert not node.available() and node.suspected is None
+            assert node.unavailable_error().message.startswith("ejected: ")
+    test_over.set()
+
+
+def test_the_checker_probes_a_suspect_node_at_once_not_at_its_next_round():
+    with listening(hang_up) as address:
+        pool = Pool(config(health_interval_s=3600))
+        pool.set_nodes([address])
+        pool.start()
+        try:
+            node = pool.node(address)
+            with pytest.raises(ServerUnavailableError):
+                node.call("health")
+            wait_until(lambda: not node.available(), timeout_s=60, what="the checker's probe to eject it")
+        finally:
+            pool.close()
+
+
+def test_a_call_over_max_frame_bytes_is_refused_before_a_byte_is_sent():
+    received = []
+    with listening(lambda sock: received.append(sock.recv(1 << 22))) as address:
+        with Client([address], max_frame_bytes=1000, health_interval_s=0) as client:
+            for call in (lambda: client.generate("x" * 1000), lambda: list(client.stream("x" * 1000)),
+                         lambda: client.tokenize("x" * 1000)):
+                with pytest.raises(InvalidRequestError, match=r"the (generate|open_stream|tokenize) request is "
+                                                              r"\d+ bytes serialized, over max_frame_bytes \(1000\)"):
+                    call()
+            node = client.pool.node(address)
+            assert node.available() and node.suspected is None and node.in_flight == 0
+        # closing the client closed the connection that carried nothing: the server read end of file
+        wait_until(lambda: received, timeout_s=30, what="the connection to close")
+    assert received == [b""]
 
 
 def test_a_nodes_load_is_our_in_flight_calls_plus_the_work_its_status_reports_beyond_them():
@@ -167,26 +273,82 @@ def test_static_discovery_checks_addresses_and_reports_weights():
         StaticDiscovery(["localhost"])
 
 
+def test_static_discovery_refuses_weights_a_ring_cannot_use():
+    for weight in (0, -1, math.nan, math.inf, 1e300, MAX_WEIGHT * 1.01, "2", True, None):
+        with pytest.raises(ValueError, match="weight"):
+            StaticDiscovery({"a:1": weight})
+    assert StaticDiscovery({"a:1": MAX_WEIGHT}).nodes == {"a:1": MAX_WEIGHT}
+
+
 def test_a_server_znode_is_read_with_its_weight_and_filtered_by_model():
+    address = "10.0.0.1:9090"
     data = b'{"address": "10.0.0.1:9090", "weight": 2, "model": "smol"}'
-    assert parse_member(data, None) == ("10.0.0.1:9090", 2.0)
-    assert parse_member(data, "smol") == ("10.0.0.1:9090", 2.0)
-    assert parse_member(data, "other") is None
-    assert parse_member(b"not json", None) is None
-    assert parse_member(b'{"address": "no-port"}', None) is None
+    assert parse_member(address, data, None) == (address, 2.0)
+    assert parse_member(address, data, "smol") == (address, 2.0)
+    assert parse_member(address, data, "other") is None
+    assert parse_member(address, b"not json", None) is None
+    assert parse_member(address, b'{"weight": 1}', None) is None
+    assert parse_member("no-port", b'{"address": "no-port"}', None) is None
+
+
+def test_a_znode_with_an_unusable_weight_or_address_is_ignored_with_a_warning(caplog):
+    def member(weight_json: str, address: str = "10.0.0.1:9090", name: str = "10.0.0.1:9090"):
+        return parse_member(name, f'{{"address": "{address}", "weight": {weight_json}}}'.encode(), None)
+
+    for weight in ("1e300", "NaN", "Infinity", "-Infinity", "1e999", "-1", "0", "100.5", '"2"', "true", "null",
+                   "[1]"):
+        caplog.clear()
+        assert member(weight) is None, weight
+        assert "ignoring the server znode" in caplog.text and "weight" in caplog.text, weight
+    assert member("100") == ("10.0.0.1:9090", 100.0) and member("0.25") == ("10.0.0.1:9090", 0.25)
+    assert member("1", name="10.0.0.2:9090") is None              # another server's address under its name
+    assert member("1", address="10.0.0.1:0", name="10.0.0.1:0") is None
+    assert member("1", address="10.0.0.1:65536", name="10.0.0.1:65536") is None
+    assert member("1", address="10.0.0.1", name="10.0.0.1") is None
 
 
 def test_a_servers_znode_is_what_discovery_reads_back():
-    assert member_path("/ringlm/servers/", "10.0.0.1:9090") == "/ringlm/servers/10.0.0.1:9090"
-    assert parse_member(member_data("10.0.0.1:9090", 2.0, "smol"), "smol") == ("10.0.0.1:9090", 2.0)
-    assert parse_member(member_data("10.0.0.1:9090", 1.0, "smol"), "other") is None
+    address = "10.0.0.1:9090"
+    assert member_path("/ringlm/servers/", address) == "/ringlm/servers/10.0.0.1:9090"
+    assert parse_member(address, member_data(address, 2.0, "smol"), "smol") == (address, 2.0)
+    assert parse_member(address, member_data(address, 1.0, "smol"), "other") is None
+
+
+def test_allowed_networks_admit_only_addresses_that_resolve_inside_them():
+    networks = parse_networks(["10.0.0.0/8", " fd00::/8", "127.0.0.0/8", "::1/128"])
+    assert in_networks("10.1.2.3:9090", networks) and in_networks("[fd00::1]:9090", networks)
+    assert in_networks("localhost:9090", networks)                           # resolved to loopback
+    assert not in_networks("localhost:9090", parse_networks(["10.0.0.0/8"]))
+    assert not in_networks("192.168.1.1:9090", networks) and not in_networks("[fe80::1]:9090", networks)
+    assert not in_networks("no-such-host.invalid:9090", networks)
+    for bad in (["10.0.0.1/8"], ["10.0.0.0/33"], ["ten"], [""], []):
+        with pytest.raises(ValueError, match="network"):
+            parse_networks(bad)
+
+
+def test_zookeeper_credentials_are_user_colon_password_and_give_everyone_read_only():
+    assert parse_credentials("ringlm:pa:ss") == ("ringlm", "pa:ss")
+    for bad in ("ringlm", ":secret", "ringlm:"):
+        with pytest.raises(ValueError, match="user:password"):
+            parse_credentials(bad)
+    assert member_acl(None) is None
+    world, owner = member_acl("ringlm:secret")
+    assert (world.id.scheme, world.id.id, world.perms) == ("world", "anyone", 1)             # READ only
+    assert (owner.id.scheme, owner.id.id.split(":")[0], owner.perms) == ("digest", "ringlm", 31)   # ALL
 
 
 # -- the failover walk that generate, streams and tokenize share
 
+def walk(nodes, **limits) -> Failover:
+    """A failover over `nodes` in their order, with a generous budget unless told otherwise."""
+    options = {"budget": RetryBudget(ratio=0, floor_per_s=100), "max_nodes": len(nodes),
+               "unavailable": lambda: {}, **limits}
+    return Failover(lambda tried: next((n for n in nodes if n.address not in tried), None), None, **options)
+
+
 def test_a_failover_tries_each_node_once_and_a_draining_refusal_marks_the_node():
     nodes = [Node(closed_address(), config()) for _ in range(2)]
-    failover = Failover(lambda tried: next((n for n in nodes if n.address not in tried), None), deadline=None)
+    failover = walk(nodes)
     seen = []
     with pytest.raises(NoServerAvailableError) as error:
         for node, remaining_ms in failover:
@@ -199,29 +361,100 @@ def test_a_failover_tries_each_node_once_and_a_draining_refusal_marks_the_node()
 
 def test_a_failover_past_its_deadline_tries_no_node():
     picked = []
-    failover = Failover(picked.append, deadline=time.monotonic() - 0.001)
+    failover = Failover(picked.append, time.monotonic() - 0.001, budget=RetryBudget(0, 10), max_nodes=3,
+                        unavailable=dict)
     with pytest.raises(DeadlineExceededError):
         next(iter(failover))
     assert picked == []
 
 
-def test_generate_stream_and_tokenize_fail_alike_when_every_node_is_down_or_draining():
+def test_a_failover_stops_at_max_nodes_and_when_the_retry_budget_is_spent():
+    nodes = [Node(closed_address(), config()) for _ in range(4)]
+
+    def tried(failover: Failover) -> tuple[list[str], NoServerAvailableError]:
+        seen = []
+        with pytest.raises(NoServerAvailableError) as error:
+            for node, _ in failover:
+                seen.append(node.address)
+                failover.failed(node, ServerUnavailableError("reset", server=node.address))
+        assert set(error.value.errors) == set(seen)   # it fails with the errors it met
+        return seen, error.value
+
+    seen, error = tried(walk(nodes, max_nodes=2))
+    assert seen == [n.address for n in nodes[:2]] and "max_nodes_per_request" in str(error)
+    budget = RetryBudget(ratio=0, floor_per_s=0.1)   # one retry in the bucket (0.1/s over a 10 s window)
+    seen, _ = tried(walk(nodes, budget=budget))
+    assert seen == [n.address for n in nodes[:2]]
+    seen, error = tried(walk(nodes, budget=budget))
+    assert seen == [nodes[0].address] and "retry budget is spent" in str(error)
+
+
+def test_the_retry_budget_allows_a_ratio_of_the_requests_plus_a_floor_per_second():
+    now = [0.0]
+    budget = RetryBudget(ratio=0.25, floor_per_s=0, clock=lambda: now[0])   # a ratio binary floats hold exactly
+
+    def retries_allowed() -> int:
+        count = 0
+        while budget.take():
+            count += 1
+        return count
+
+    assert retries_allowed() == 0
+    for _ in range(100):
+        budget.sent()
+    assert retries_allowed() == 25                 # a quarter of the requests sent
+    for _ in range(100):
+        budget.sent()
+    now[0] += 10.0                                 # a window later, what was not spent has faded to 1/e
+    assert retries_allowed() == int(25 / math.e)
+    floor = RetryBudget(ratio=0, floor_per_s=10, window_s=10, clock=lambda: now[0])
+    assert sum(floor.take() for _ in range(200)) == 100   # a window's worth at the start
+    now[0] += 1.0
+    assert sum(floor.take() for _ in range(200)) == int(100 * (1 - math.exp(-0.1)))   # ~10 a second
+    now[0] += 3600.0
+    assert sum(floor.take() for _ in range(200)) == 100   # an idle hour banks no more than a window
+    with pytest.raises(ValueError):
+        RetryBudget(ratio=-0.1, floor_per_s=1)
+
+
+def test_a_client_with_no_retry_budget_left_tries_only_the_home_node():
+    dead = [closed_address() for _ in range(3)]
+    with Client(dead, health_interval_s=0, retry_budget_ratio=0, retry_budget_floor_per_s=0) as client:
+        with pytest.raises(NoServerAvailableError) as error:
+            client.generate("hi", max_tokens=2)
+        assert list(error.value.errors) == [client.ring.node_for(routing_key("hi", None, None))]
+        assert "retry budget" in str(error.value)
+        assert len(client.pool.unavailable()) == 1   # the others were never contacted
+
+
+def test_generate_stream_and_tokenize_fail_at_once_when_every_node_is_ejected_or_draining():
     dead = [closed_address() for _ in range(2)]
     with Client(dead, health_interval_s=0) as client:   # no checker: nothing but the requests changes a node
+        with pytest.raises(NoServerAvailableError) as error:
+            client.generate("hi", max_tokens=2)          # tries both: each refuses and is ejected
+        assert set(error.value.errors) == set(dead)
+        assert all(isinstance(e, ServerUnavailableError) for e in error.value.errors.values())
+        backoffs = {address: node.backoff_s for address, node in client.pool.nodes.items()}
         calls = {"generate": lambda: client.generate("hi", max_tokens=2),
                  "stream": lambda: list(client.stream("hi", max_tokens=2)),
                  "tokenize": lambda: client.tokenize("hi")}
         for name, call in calls.items():
             with pytest.raises(NoServerAvailableError) as error:
                 call()
-            assert set(error.value.errors) == set(dead), name   # ejected by the first call, still tried
-            assert all(isinstance(e, ServerUnavailableError) for e in error.value.errors.values()), name
+            assert {address: e.message for address, e in error.value.errors.items()} == {
+                address: f"ejected: TTransportException: {client.pool.node(address).ejection_reason.split(': ', 1)[1]}"
+                for address in dead}, name
+        # nothing was sent: a refused connection would have ejected them again, for a longer back-off
+        assert {address: node.backoff_s for address, node in client.pool.nodes.items()} == backoffs
         for node in client.pool.nodes.values():
+            node.readmit()
             node.draining = True
         for name, call in calls.items():
             with pytest.raises(NoServerAvailableError) as error:
                 call()
-            assert str(error.value) == "no server is available" and error.value.errors == {}, name
+            assert {address: e.message for address, e in error.value.errors.items()} == dict.fromkeys(
+                dead, "draining"), name
+        assert {address: node.backoff_s for address, node in client.pool.nodes.items()} == backoffs
 
 
 # -- helpers: addresses, the auth token file, probes, Thrift structs, enum names, settings
@@ -271,7 +504,8 @@ def test_the_probe_finds_no_server_at_a_closed_port_or_a_silent_one():
 
 def test_a_thrift_struct_reads_as_a_dict_of_its_fields_and_copies_with_changes():
     fields = to_dict(thrift.ServerStatus(server="h:1", running=2, waiting={"NORMAL": 1}))
-    assert list(fields)[:5] == ["server", "model", "draining", "running", "waiting"] and len(fields) == 21
+    assert list(fields)[:5] == ["server", "model", "draining", "running", "waiting"]
+    assert len(fields) == len(thrift.ServerStatus.thrift_spec) > 20
     assert (fields["server"], fields["running"], fields["waiting"], fields["model"]) == ("h:1", 2, {"NORMAL": 1}, None)
     request = thrift.GenerateRequest(prompt="hi", sampling=thrift.SamplingOptions(seed=7), max_tokens=5)
     resumed = copy_struct(request, prompt=None, prompt_ids=[1, 2])

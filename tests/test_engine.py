@@ -356,3 +356,42 @@ def test_resumed_tokens_are_prefilled_in_chunks_not_one_per_step(model, tokenize
     assert first.token_ids == whole.token_ids[150:151]
     engine.run_until_idle()
     assert handle.result().token_ids == whole.token_ids[150:]
+
+
+def test_send_away_ends_queued_requests_and_then_running_ones(model, tokenizer):
+    engine = make_engine(model, tokenizer, num_slots=1)
+    running = engine.submit(request(tokenizer, "running", "a", max_tokens=50))
+    queued = engine.submit(request(tokenizer, "queued", "b", max_tokens=50))
+    engine.step()
+    assert engine.send_away() == 1   # only the queued one
+    engine.step()
+    assert queued.finished and queued.result().finish_reason == FinishReason.SENT_AWAY
+    assert queued.result().token_ids == [] and not running.finished
+    assert engine.send_away(running=True) == 1
+    engine.run_until_idle()
+    result = running.result()
+    assert result.finish_reason == FinishReason.SENT_AWAY and 0 < len(result.token_ids) < 50
+    assert engine.stats()["slots_busy"] == 0
+
+
+def test_a_request_admitted_by_a_step_that_raises_fails_instead_of_hanging(model, tokenizer, monkeypatch):
+    """The scheduler moved it out of the queue before the fault: it must still get an answer."""
+    engine = make_gevent_engine(model, tokenizer)
+    loop = EngineLoop(engine)
+    real_batch = engine.scheduler._batch
+    faults = iter([True])
+
+    def batch_once_broken():
+        if next(faults, False):
+            raise RuntimeError("a fault between admission and the batch")
+        return real_batch()
+
+    monkeypatch.setattr(engine.scheduler, "_batch", batch_once_broken)
+    loop.start()
+    try:
+        admitted = engine.submit(request(tokenizer, "admitted", "a", max_tokens=5))
+        assert admitted.result(timeout=60).finish_reason == FinishReason.ERROR
+        later = engine.submit(request(tokenizer, "later", "b", max_tokens=5))
+        assert later.result(timeout=60).finish_reason == FinishReason.LENGTH
+    finally:
+        loop.stop()

@@ -172,7 +172,7 @@ def test_a_plan_ends_cancelled_and_expired_requests_before_any_work():
         sched.add(s)
     sched.schedule(now=0.0)
     assert sched.running == [running]
-    cancelled.cancel_requested = True
+    cancelled.end_requested = FinishReason.CANCELLED
     plan = sched.schedule(now=6.0)
     assert plan.ended == [(cancelled, FinishReason.CANCELLED), (running, FinishReason.DEADLINE)]
     assert sched.running == [queued] and len(sched) == 0 and running.slot is None

@@ -65,10 +65,10 @@ EVERY_FIELD_SET = WorkerConfig(
     torch_threads=2, num_slots=4, max_seq_len=512, max_batch_tokens=64, max_tokens_limit=100, max_waiting=7,
     max_top_logprobs=3, priority_aging_s=2.0, prefix_cache=False, max_open_streams=5, stream_idle_timeout_s=2.5,
     max_wait_ms=1500, max_stop_strings=0, max_stop_length=9, max_logit_bias=0, max_messages=3, max_deadline_ms=60_000,
-    max_request_id_length=16, max_stop_token_ids=2, max_session_length=20, step_timeout_s=5.5, max_connections=9, max_frame_bytes=4096, idle_timeout_s=0.1, frame_timeout_s=1e-3,
+    max_request_id_length=16, auth_timeout_s=3.5, max_stop_token_ids=2, max_session_length=20, step_timeout_s=5.5, max_connections=9, max_frame_bytes=4096, idle_timeout_s=0.1, frame_timeout_s=1e-3,
     drain_grace_s=0.0, metrics_port=9200, tls_cert="/tls/server.pem", tls_key="/tls/server.key",
     tls_ca="/tls/ca.pem", auth_token_file="-token file", debug_blocking_ms=12.5,
-    zookeeper="zk1:2181,zk2:2181/ringlm", weight=0.3)
+    zookeeper="zk1:2181,zk2:2181/ringlm", weight=0.3, zookeeper_auth_file="/zk/credentials")
 
 
 def test_the_round_trip_config_sets_every_field_to_a_value_other_than_its_default():

@@ -10,7 +10,9 @@ import ssl
 import subprocess
 import sys
 import threading
+import time
 import urllib.request
+from pathlib import Path
 
 import pytest
 
@@ -27,7 +29,7 @@ def model_dir(tmp_path_factory):
 
 
 def long_request(**fields) -> thrift.GenerateRequest:
-    return thrift.GenerateRequest(prompt="Once upon a time", max_tokens=LONG, ignore_eos=True, **fields)
+    return thrift.GenerateRequest(**{"prompt": "Once upon a time", "max_tokens": LONG, "ignore_eos": True, **fields})
 
 
 def run_cli(*args: str, timeout_s: float = 60) -> subprocess.CompletedProcess:
@@ -53,6 +55,7 @@ def test_sigterm_drains_finishes_running_work_refuses_new_work_and_exits_0(model
         wait_until(lambda: client.status().running == 1, what="the generation to start")
         assert client.ready() is True and client.status().ready is True
         stream_id = client.open_stream(long_request())
+        wait_until(lambda: client.status().running == 2, what="the stream to run (queued ones are sent away)")
         worker.process.send_signal(signal.SIGTERM)
 
         assert wait_until(lambda: client.status().draining, what="status to report draining")
@@ -75,6 +78,64 @@ def test_sigterm_drains_finishes_running_work_refuses_new_work_and_exits_0(model
         client.close()
         assert worker.process.wait(timeout=60) == 0
         assert "draining" in worker.log()
+    finally:
+        worker.stop()
+
+
+def generate_in_thread(port: int, request: thrift.GenerateRequest, outcome: dict, key: str) -> threading.Thread:
+    """Run generate on its own connection in a thread; its result or typed error lands in outcome[key]."""
+    def run():
+        own = connect(port)
+        try:
+            outcome[key] = own.generate(request)
+        except thrift.Overloaded as error:
+            outcome[key] = error
+        finally:
+            own.close()
+
+    thread = threading.Thread(target=run)
+    thread.start()
+    return thread
+
+
+def test_sigterm_sends_queued_requests_away_at_once_with_a_typed_answer(model_dir, tmp_path):
+    worker = WorkerProcess(model_dir, tmp_path / "worker.log", "--num-slots", "1", "--drain-grace-s", "60").wait_ready()
+    try:
+        client, outcome = connect(worker.port), {}
+        running = generate_in_thread(worker.port, long_request(), outcome, "running")
+        wait_until(lambda: client.status().running == 1, what="the first generation to start")
+        queued = generate_in_thread(worker.port, long_request(), outcome, "queued")
+        wait_until(lambda: client.status().waiting["NORMAL"] == 1, what="the second one to queue")
+        worker.process.send_signal(signal.SIGTERM)
+        queued.join(timeout=60)
+        assert isinstance(outcome["queued"], thrift.Overloaded) and outcome["queued"].draining is True
+        running.join(timeout=120)
+        assert outcome["running"].finish_reason == thrift.FinishReason.LENGTH   # the grace let it finish
+        client.close()
+        assert worker.process.wait(timeout=60) == 0
+    finally:
+        worker.stop()
+
+
+def test_work_still_running_when_the_grace_ends_is_sent_away_not_dropped(model_dir, tmp_path):
+    worker = WorkerProcess(model_dir, tmp_path / "worker.log", "--drain-grace-s", "0").wait_ready()
+    try:
+        client, outcome = connect(worker.port), {}
+        running = generate_in_thread(worker.port, long_request(max_tokens=480), outcome, "generate")
+        streamer = connect(worker.port)
+        stream_id = streamer.open_stream(long_request(max_tokens=480))
+        assert streamer.next_chunk(stream_id, 5000).token_ids
+        wait_until(lambda: client.status().running == 2, what="both to run")
+        worker.process.send_signal(signal.SIGTERM)
+        running.join(timeout=60)
+        assert isinstance(outcome["generate"], thrift.Overloaded) and outcome["generate"].draining is True
+        with pytest.raises(thrift.Overloaded) as error:
+            while not streamer.next_chunk(stream_id, 5000).done:
+                pass
+        assert error.value.draining is True
+        for connection in (client, streamer):
+            connection.close()
+        assert worker.process.wait(timeout=60) == 0
     finally:
         worker.stop()
 
@@ -146,6 +207,30 @@ def test_supervisor_runs_workers_on_consecutive_ports_restarts_a_killed_one_and_
         if supervisor.poll() is None:
             supervisor.kill()
             supervisor.wait()
+
+
+def test_a_worker_that_cannot_start_stops_the_supervisor_instead_of_restarting_for_ever(tmp_path):
+    served = subprocess.run([sys.executable, "-m", "ringlm.cli", "serve", "--model", str(tmp_path / "missing.gguf"),
+                             "--port", str(consecutive_free_ports(2)), "--workers", "2"],
+                            capture_output=True, text=True, timeout=300)
+    assert served.returncode == 2, served.stderr
+    assert "missing.gguf" in served.stderr and "cannot start with this configuration" in served.stderr
+
+
+def test_workers_go_when_their_supervisor_is_killed(model_dir, tmp_path):
+    port = consecutive_free_ports(1)
+    with open(tmp_path / "supervisor.log", "wb") as log:
+        supervisor = subprocess.Popen(
+            [sys.executable, "-m", "ringlm.cli", "serve", "--model", str(model_dir), "--port", str(port),
+             "--workers", "1", "--torch-threads", "1", "--max-seq-len", "256"], stdout=log, stderr=subprocess.STDOUT)
+    try:
+        pid = wait_until(lambda: worker_pid(port), timeout_s=120, what="the worker")
+        supervisor.kill()
+        supervisor.wait(timeout=30)
+        wait_until(lambda: not pid_alive(pid), timeout_s=60, what="the orphaned worker to exit")
+    finally:
+        if supervisor.poll() is None:
+            supervisor.kill()
 
 
 def test_cluster_command_starts_count_servers_prints_them_and_stops_them_on_ctrl_c(model_dir, tmp_path):
@@ -255,3 +340,87 @@ def test_status_command_speaks_tls_and_auth(secure_server, certificates):
     refused = run_cli("status", "--servers", address, *tls)
     assert refused.returncode == 1
     assert "Unauthorized" in json.loads(refused.stdout)["error"]
+
+
+def test_generate_and_chat_speak_tls_and_auth(secure_server, certificates):
+    address = f"127.0.0.1:{secure_server.port}"
+    tls = ["--tls-ca", str(certificates / "ca.pem"), "--tls-cert", str(certificates / "client.pem"),
+           "--tls-key", str(certificates / "client.key"), "--auth-token-file", str(certificates / "token")]
+    generated = run_cli("generate", "--servers", address, *tls, "--max-tokens", "3", "--json", "Hello")
+    assert generated.returncode == 0, generated.stderr
+    assert json.loads(generated.stdout)["usage"]["completion_tokens"] == 3
+    chat = subprocess.run([sys.executable, "-m", "ringlm.cli", "chat", "--servers", address, *tls,
+                           "--max-tokens", "3"], input="Hi\n", capture_output=True, text=True, timeout=120)
+    assert chat.returncode == 0 and chat.stdout.strip(), chat.stderr
+    plain = run_cli("generate", "--servers", address, "--max-tokens", "3", "Hello")
+    assert plain.returncode != 0   # without TLS the server refuses the connection
+
+
+# -- connections: unauthenticated time, open files, keepalive
+
+def test_an_unauthenticated_connection_is_closed_after_the_auth_timeout_even_if_it_calls_health(model_dir, tmp_path):
+    token_file = tmp_path / "token"
+    token_file.write_text("t0ken\n")
+    flags = ["--auth-token-file", str(token_file), "--auth-timeout-s", "1"]
+    with running_worker(model_dir, tmp_path / "worker.log", *flags) as worker:
+        idle, authenticated = connect(worker.port), connect(worker.port)
+        authenticated.authenticate("t0ken")
+
+        def still_answers() -> bool:
+            try:
+                return idle.health()
+            except Exception:   # closed by the server: the auth timeout
+                return False
+
+        wait_until(lambda: not still_answers(), timeout_s=30, what="the unauthenticated connection to close")
+        assert authenticated.health() and authenticated.status().connections >= 1   # authenticated: kept
+        authenticated.close()
+
+
+def test_the_worker_raises_its_open_file_limit_for_its_connections(model_dir, tmp_path):
+    worker = WorkerProcess(model_dir, tmp_path / "worker.log", "--max-connections", "2000",
+                           soft_open_files=512).wait_ready()
+    try:
+        limits = Path(f"/proc/{worker.process.pid}/limits").read_text()
+        soft = int(next(line for line in limits.splitlines() if line.startswith("Max open files")).split()[3])
+        assert soft >= 2000
+    finally:
+        worker.stop()
+
+
+def test_more_connections_than_the_hard_file_limit_allows_is_refused_at_start(model_dir, tmp_path):
+    import resource
+    hard = resource.getrlimit(resource.RLIMIT_NOFILE)[1]
+    if hard == resource.RLIM_INFINITY:
+        pytest.skip("the hard limit on open files is unlimited here")
+    worker = WorkerProcess(model_dir, tmp_path / "worker.log", "--max-connections", str(hard + 1))
+    assert worker.process.wait(timeout=120) == 2
+    assert "needs" in worker.log() and "hard limit" in worker.log()
+
+
+def test_connections_get_tcp_keepalive(model_dir, tmp_path):
+    with running_worker(model_dir, tmp_path / "worker.log") as worker:
+        client = connect(worker.port)
+        assert client.health()
+        sockets = subprocess.run(["ss", "-tnoH", "state", "established", f"( sport = :{worker.port} )"],
+                                 capture_output=True, text=True, timeout=30).stdout
+        assert "keepalive" in sockets, sockets
+        client.close()
+
+
+def test_wrong_tokens_are_slowed_and_then_the_connection_is_closed(model_dir, tmp_path):
+    token_file = tmp_path / "token"
+    token_file.write_text("t0ken\n")
+    with running_worker(model_dir, tmp_path / "worker.log", "--auth-token-file", str(token_file)) as worker:
+        guesser = connect(worker.port)
+        started = time.monotonic()
+        for _ in range(5):
+            with pytest.raises(thrift.Unauthorized):
+                guesser.authenticate("guess")
+        assert time.monotonic() - started >= 0.1 + 0.2 + 0.4 + 0.8 + 1.6   # the delays, doubling
+        with pytest.raises(Exception):   # the fifth wrong token closed the connection
+            guesser.authenticate("t0ken")
+        honest = connect(worker.port)
+        honest.authenticate("t0ken")
+        assert honest.status().ready
+        honest.close()

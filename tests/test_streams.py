@@ -68,3 +68,30 @@ def test_server_made_ids_cannot_be_guessed(client):
     randoms = [re.fullmatch(r".+-([0-9a-f]{24})", stream_id).group(1) for stream_id in ids]
     assert len(set(randoms)) == 3
     assert len({int(a, 16) - int(b, 16) for a, b in zip(randoms, randoms[1:])}) == 2   # not a counter
+
+
+def test_a_slow_reader_keeps_its_stream_and_an_unread_finished_one_is_dropped(tiny_model):
+    """The reaper drops finished streams nobody collects; reading slowly never cancels one. Steps are run
+    by hand (no engine loop), so "running for a long time" is a fact, not a race."""
+    from ringlm.ext.model_files import default_model_path
+    from ringlm.ext.tokenizer import Tokenizer
+    from ringlm.server.config import ServiceLimits
+    from ringlm.server.engine import EngineConfig
+    from ringlm.server.engine_loop import EngineLoop, gevent_engine
+    from ringlm.server.handler import ConnectionHandler, Service
+
+    tokenizer = Tokenizer.from_gguf(default_model_path())
+    engine = gevent_engine(tiny_model, tokenizer, EngineConfig(num_slots=2, max_seq_len=64))
+    service = Service(EngineLoop(engine), tokenizer, "test:0", "tiny", ServiceLimits(stream_idle_timeout_s=0.5))
+    connection = ConnectionHandler(service)
+    stream_id = connection.open_stream(thrift.GenerateRequest(prompt_ids=[1, 2, 3], max_tokens=5, ignore_eos=True))
+    engine.step()
+    service.streams[stream_id].last_polled -= 3600   # an hour without a poll, still running
+    service.reap_idle_streams()
+    assert stream_id in service.streams and not service.streams[stream_id].handle.finished
+    engine.run_until_idle()
+    service.reap_idle_streams()   # finished, but just now: kept
+    assert stream_id in service.streams
+    service.streams[stream_id].handle._state.times.finished -= 3600   # and it finished an hour ago
+    service.reap_idle_streams()
+    assert stream_id not in service.streams and stream_id not in connection.opened_streams

@@ -92,9 +92,21 @@ class Engine:
         state = self.in_flight.get(request_id)
         if state is None or state.finished:
             return False
-        state.cancel_requested = True
+        state.end_requested = FinishReason.CANCELLED
         self.work_ready.set()
         return True
+
+    def send_away(self, running: bool = False) -> int:
+        """End every waiting request (and with `running`, every running one too) at the next step
+        with FinishReason.SENT_AWAY, for a draining server whose callers should go elsewhere.
+        Returns how many were marked."""
+        marked = 0
+        for state in self.in_flight.values():
+            if state.end_requested is None and (running or state.slot is None):
+                state.end_requested = FinishReason.SENT_AWAY
+                marked += 1
+        self.work_ready.set()
+        return marked
 
     def _validate(self, request: GenerationRequest) -> None:
         prompt, resumed, limit = request.prompt_ids, request.resume_ids, self.max_seq_len

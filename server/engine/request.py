@@ -34,6 +34,7 @@ class FinishReason(str, enum.Enum):
     DEADLINE = "deadline"    # the deadline passed while queued or running
     CANCELLED = "cancelled"  # cancel(request_id), or the client went away
     ERROR = "error"          # the model gave logits with no distribution (NaN, all -inf), or its step failed
+    SENT_AWAY = "sent_away"  # the server is draining: the caller should run it elsewhere (send_away)
 
 
 class EngineError(Exception):
@@ -160,7 +161,7 @@ class RequestState:
         self.times = Timestamps(arrival=time.monotonic())
         self.finish_reason: FinishReason | None = None
         self.stop_reason: str | int | None = None
-        self.cancel_requested = False
+        self.end_requested: FinishReason | None = None   # cancel or send_away: ended at the next step
         self.preemptions = 0
         self.produced = new_event()       # set whenever new output is ready
         self.ended = new_event()          # set once, when the request is finished
@@ -232,6 +233,11 @@ class RequestHandle:
     def finished(self) -> bool:
         """Whether the request has ended (its last output may still be unread)."""
         return self._state.ended.is_set()
+
+    @property
+    def finished_at(self) -> float | None:
+        """time.monotonic() when the request ended, None while it runs."""
+        return self._state.times.finished if self.finished else None
 
     def cancel(self) -> bool:
         """End the request at the engine's next step (its tokens so far are kept); False if already over."""

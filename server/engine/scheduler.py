@@ -137,8 +137,8 @@ class Scheduler:
 
     def _end_cancelled_and_expired(self, now: float) -> list[tuple[RequestState, FinishReason]]:
         def reason(state: RequestState) -> FinishReason | None:
-            if state.cancel_requested:
-                return FinishReason.CANCELLED
+            if state.end_requested is not None:
+                return state.end_requested
             if state.request.deadline is not None and now >= state.request.deadline:
                 return FinishReason.DEADLINE
             return None

@@ -11,27 +11,17 @@ with its `--torch-threads` setting or None for `default_torch_threads()`.
 from __future__ import annotations
 
 import logging
-import os
 
 import torch
 
+from ringlm.ext import default_threads, usable_cores
+
 log = logging.getLogger(__name__)
-
-# Up to this many usable cores, torch gets one thread; past it, all but the cores kept
-# free for the hub, tokenizer and sampler.
-SMALL_MACHINE_CORES = 4
-CORES_KEPT_FREE = 2
-
-
-def usable_cores() -> int:
-    """Cores this process may run on (its affinity mask, not the machine's total)."""
-    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
 
 
 def default_torch_threads(cores: int | None = None) -> int:
-    """1 on small machines, else every usable core but two."""
-    cores = usable_cores() if cores is None else cores
-    return 1 if cores <= SMALL_MACHINE_CORES else cores - CORES_KEPT_FREE
+    """1 on small machines, else every usable core but two (ringlm.ext.default_threads)."""
+    return default_threads(cores)
 
 
 def apply_torch_threads(threads: int | None = None) -> int:
