@@ -34,6 +34,9 @@ T_STRING, T_STRUCT, T_MAP, T_SET, T_LIST, T_BINARY = 11, 12, 13, 14, 15, 18
 VERSION_MASK = 0xFFFF0000
 VERSION_1 = 0x80010000
 MAX_DEPTH = 32   # our IDL nests 4 deep; thriftpy2's own limit is 64
+# Declared structs per call (chat messages, mostly: --max-messages is 512 by default). Each becomes a
+# Python object in thriftpy2's parser, so this bounds a valid frame's parse to a few milliseconds.
+MAX_STRUCTS = 4096
 
 _U32 = struct.Struct("!I")
 _I32 = struct.Struct("!i")
@@ -88,7 +91,7 @@ def compile_schema(service) -> tuple[Schema, dict[str, int]]:
         return value_shape(spec, None) if isinstance(spec, int) else value_shape(*spec)
 
     arguments = {name: struct_shape(getattr(service, f"{name}_args")) for name in service.thrift_services}
-    return Schema(nodes, fields, MAX_DEPTH), arguments
+    return Schema(nodes, fields, MAX_DEPTH, MAX_STRUCTS), arguments
 
 
 _SCHEMA, _ARGUMENTS = compile_schema(thrift.Generator)

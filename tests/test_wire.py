@@ -111,3 +111,20 @@ def test_a_fuzzer_finding_against_the_old_checker_stays_fixed():
     assert parsed_bytes(body) > len(body)
     with pytest.raises(wire.MalformedMessage, match="map value is string on the wire, double in the IDL"):
         wire.check_body(body, wire.read_header(body))
+
+
+def test_a_call_carries_a_bounded_number_of_declared_structs():
+    """Each declared struct becomes a Python object in thriftpy2's parser: a 1 MiB frame of empty chat
+    messages would be a million of them, seconds on the hub. Skipped (undeclared) structs do not count."""
+    def chat(count: int) -> bytes:
+        messages = [thrift.ChatMessage(role="user", content="")] * count
+        return call("generate", thrift.Generator.generate_args(request=thrift.GenerateRequest(messages=messages)))
+
+    at_the_limit = chat(wire.MAX_STRUCTS - 2)   # the request and its messages
+    wire.check_body(at_the_limit, wire.read_header(at_the_limit))
+    too_many = chat(wire.MAX_STRUCTS)
+    with pytest.raises(wire.MalformedMessage, match=f"more than {wire.MAX_STRUCTS} structs"):
+        wire.check_body(too_many, wire.read_header(too_many))
+    empty_structs = (header("health") + field(15, 99) + b"\x0c" + struct.pack("!i", 100_000) + b"\x00" * 100_000
+                     + b"\x00")
+    wire.check_body(empty_structs, wire.read_header(empty_structs))   # an unknown field: skipped, not built
