@@ -90,7 +90,7 @@ CLIENT_LANGUAGES := java:java:generated_annotations=suppress go:go nodejs:js:nod
 CLIENT_GEN := clients/gen
 EXAMPLES := clients/examples
 clients: client-libraries $(CLIENT_GEN)/.generated $(EXAMPLES)/nodejs/node_modules/.installed \
-	$(EXAMPLES)/cpp/build/ringlm_example
+	$(EXAMPLES)/cpp/build/ringlm_example $(EXAMPLES)/java/build/.built
 
 $(CLIENT_GEN)/.generated: idl/ringlm.thrift | thrift-compiler
 	rm -rf $(CLIENT_GEN)
@@ -107,7 +107,7 @@ $(CLIENT_GEN)/.generated: idl/ringlm.thrift | thrift-compiler
 CLIENT_PACKAGES := libthrift-dev libboost-dev libssl-dev libthrift-java libslf4j-java default-jdk-headless nodejs npm pkg-config
 client-libraries:
 	@test -f /usr/include/thrift/Thrift.h -a -f /usr/include/boost/numeric/conversion/cast.hpp \
-		-a -f /usr/include/openssl/ssl.h -a -f /usr/share/java/thrift.jar -a -f /usr/share/java/slf4j-api.jar \
+		-a -f /usr/include/openssl/ssl.h -a -f /usr/share/java/thrift.jar -a -f /usr/share/java/slf4j-simple.jar \
 		&& command -v javac >/dev/null && command -v npm >/dev/null && command -v pkg-config >/dev/null || { $(SUDO) apt-get update && \
 		DEBIAN_FRONTEND=noninteractive $(SUDO) apt-get install -y $(CLIENT_PACKAGES); }
 
@@ -122,3 +122,6 @@ $(EXAMPLES)/nodejs/node_modules/.installed: $(EXAMPLES)/nodejs/package.json $(EX
 
 $(EXAMPLES)/cpp/build/ringlm_example: $(CLIENT_GEN)/.generated $(wildcard $(EXAMPLES)/cpp/*.cpp) $(EXAMPLES)/cpp/Makefile
 	$(MAKE) -C $(EXAMPLES)/cpp GEN=$(abspath $(CLIENT_GEN)/cpp)
+
+$(EXAMPLES)/java/build/.built: $(CLIENT_GEN)/.generated $(wildcard $(EXAMPLES)/java/*.java) $(EXAMPLES)/java/Makefile
+	$(MAKE) -C $(EXAMPLES)/java GEN=$(abspath $(CLIENT_GEN)/java)

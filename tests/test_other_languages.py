@@ -1,4 +1,4 @@
-"""The example clients in clients/examples/ (Node.js, C++), built from the Apache Thrift compiler's code, run
+"""The example clients in clients/examples/ (Node.js, C++, Java), built from the Apache Thrift compiler's code, run
 against a real worker and get what ringlm's own Python client gets: the same token ids for a text, the same tokens
 for a seeded generate, a stream that adds up to the non-streamed result, and the IDL's typed exceptions.
 
@@ -48,6 +48,11 @@ LANGUAGES = {
                      ("libthrift-dev", "/usr/include/thrift/Thrift.h"),
                      ("libboost-dev", "/usr/include/boost/numeric/conversion/cast.hpp"),
                      ("libssl-dev", "/usr/include/openssl/ssl.h"))),
+    "java": Language("java", "clients/examples/java/build/.built",
+                     ("java", "-jar", str(EXAMPLES / "java" / "build" / "ringlm-example.jar")),
+                     (("a JDK (javac)", "javac"), ("the Thrift compiler", "thrift"),
+                      ("libthrift-java", "/usr/share/java/thrift.jar"),
+                      ("libslf4j-java", "/usr/share/java/slf4j-simple.jar"))),
 }
 
 
