@@ -9,7 +9,9 @@ A language is skipped only when what it needs is not installed, with a message n
 from __future__ import annotations
 
 import json
+import os
 import shutil
+import ssl
 import subprocess
 from dataclasses import dataclass
 from pathlib import Path
@@ -17,7 +19,7 @@ from pathlib import Path
 import pytest
 
 from ringlm.idl import ringlm_thrift as thrift
-from tests.server_helpers import connect, free_port, running_worker, tiny_model_folder
+from tests.server_helpers import connect, free_port, running_worker, tiny_model_folder, write_certificates
 
 ROOT = Path(__file__).resolve().parent.parent
 EXAMPLES = ROOT / "clients" / "examples"
@@ -166,3 +168,50 @@ def test_a_bad_argument_is_the_typed_exception_naming_its_field(language, server
 def test_a_refused_connection_is_reported_not_a_crash(language):
     status, output = run_example(language, free_port(), "--text", "Hello")
     assert status != 0 and output["error"] == "TransportError" and output["message"]
+
+
+# -- TLS with a client certificate, and the auth token
+
+TOKEN = "s3cret-token"
+
+
+@pytest.fixture(scope="module")
+def secure_server(tmp_path_factory):
+    certificates = write_certificates(tmp_path_factory.mktemp("other-languages-tls"))
+    (certificates / "token").write_text(TOKEN + "\n")
+    flags = ["--tls-cert", str(certificates / "server.pem"), "--tls-key", str(certificates / "server.key"),
+             "--tls-ca", str(certificates / "ca.pem"), "--auth-token-file", str(certificates / "token")]
+    context = ssl.create_default_context(cafile=str(certificates / "ca.pem"))
+    context.load_cert_chain(str(certificates / "client.pem"), str(certificates / "client.key"))
+    log = tmp_path_factory.mktemp("other-languages-secure") / "worker.log"
+    with running_worker(tiny_model_folder(tmp_path_factory), log, *flags, ssl_context=context) as worker:
+        worker.certificates, worker.ssl_context = certificates, context
+        yield worker
+
+
+def tls_flags(certificates: Path) -> list[str]:
+    return ["--tls", "--ca", str(certificates / "ca.pem"), "--cert", str(certificates / "client.pem"),
+            "--key", str(certificates / "client.key")]
+
+
+def test_tls_and_the_token_from_the_environment_are_served(language, secure_server):
+    env = {**os.environ, "RINGLM_AUTH_TOKEN": TOKEN}
+    status, output = run_example(language, secure_server.port, *tls_flags(secure_server.certificates),
+                                 "--text", TEXT, "--max-tokens", "6", "--seed", "11", env=env)
+    assert status == 0, output
+    python_client = connect(secure_server.port, ssl_context=secure_server.ssl_context)
+    try:
+        python_client.authenticate(TOKEN)
+        assert output["text_ids"] == python_client.tokenize(TEXT, True, False)
+        assert output["generate"]["token_ids"] == python_client.generate(thrift.GenerateRequest(
+            prompt=TEXT, max_tokens=6, sampling=thrift.SamplingOptions(temperature=TEMPERATURE, seed=11))).token_ids
+    finally:
+        python_client.close()
+    assert output["stream"]["text"] == output["generate"]["text"]
+
+
+def test_a_wrong_token_is_unauthorized(language, secure_server):
+    env = {key: value for key, value in os.environ.items() if key != "RINGLM_AUTH_TOKEN"}
+    status, output = run_example(language, secure_server.port, *tls_flags(secure_server.certificates),
+                                 "--token", "not-the-token", env=env)
+    assert status != 0 and output["error"] == "Unauthorized" and output["message"]

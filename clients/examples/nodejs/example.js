@@ -92,15 +92,17 @@ function print(value) {
 }
 
 // The IDL's exceptions arrive as instances of the generated classes: report them with their fields.
+const OTHER_EXCEPTIONS = ['Unauthorized', 'ModelError', 'DeadlineExceeded', 'Cancelled'];
+
 function report(error) {
   if (error instanceof ttypes.InvalidRequest) {
     print({ error: 'InvalidRequest', field: error.field, message: error.message });
   } else if (error instanceof ttypes.Overloaded) {
     print({ error: 'Overloaded', message: error.message, retry_after_ms: error.retry_after_ms,
             draining: error.draining });
-  } else if (error instanceof ttypes.Unauthorized || error instanceof ttypes.ModelError ||
-             error instanceof ttypes.DeadlineExceeded || error instanceof ttypes.Cancelled) {
-    print({ error: error.constructor.name, message: error.message });
+  } else if (OTHER_EXCEPTIONS.some((name) => error instanceof ttypes[name])) {
+    // By name from the list: the generated classes are anonymous, so constructor.name is empty.
+    print({ error: OTHER_EXCEPTIONS.find((name) => error instanceof ttypes[name]), message: error.message });
   } else {
     print({ error: 'TransportError', message: String(error && error.message || error) });
   }
