@@ -71,7 +71,7 @@ wheel-check: install
 # build/ holds the development install's links: removing it calls for a re-install.
 clean:
 	rm -rf build ext/*.cpp ext/*.so *.egg-info $(CLIENT_GEN) $(EXAMPLES)/*/build $(EXAMPLES)/nodejs/node_modules \
-		$(VENV)/.installed
+		$(EXAMPLES)/nodejs/gen-nodejs $(VENV)/.installed
 
 # The Apache Thrift compiler (Debian's thrift-compiler): `make clients` and the interop tests use it.
 SUDO := $(if $(filter 0,$(shell id -u)),,sudo)
@@ -104,24 +104,27 @@ $(CLIENT_GEN)/.generated: idl/ringlm.thrift | thrift-compiler
 # What the examples build against, from Debian: the C++ library (its headers need Boost's; OpenSSL for TLS),
 # the Java library and the jars it needs at run time (slf4j), a JDK, Node.js with npm. apt-get runs only when
 # one is missing.
-CLIENT_PACKAGES := libthrift-dev libboost-dev libssl-dev libthrift-java libslf4j-java default-jdk-headless nodejs npm pkg-config
+CLIENT_PACKAGES := libthrift-dev libboost-dev libssl-dev pkg-config libthrift-java libslf4j-java \
+	default-jdk-headless nodejs npm
 client-libraries:
 	@test -f /usr/include/thrift/Thrift.h -a -f /usr/include/boost/numeric/conversion/cast.hpp \
 		-a -f /usr/include/openssl/ssl.h -a -f /usr/share/java/thrift.jar -a -f /usr/share/java/slf4j-simple.jar \
-		&& command -v javac >/dev/null && command -v npm >/dev/null && command -v pkg-config >/dev/null || { $(SUDO) apt-get update && \
-		DEBIAN_FRONTEND=noninteractive $(SUDO) apt-get install -y $(CLIENT_PACKAGES); }
+		&& command -v pkg-config >/dev/null && command -v javac >/dev/null && command -v npm >/dev/null \
+		|| { $(SUDO) apt-get update && DEBIAN_FRONTEND=noninteractive $(SUDO) apt-get install -y $(CLIENT_PACKAGES); }
 
 # The npm `thrift` library at the version package-lock.json pins (the compiler's own, 0.17.0), and the code
 # generated next to the example, where Node.js resolves its require('thrift') to that library.
 $(EXAMPLES)/nodejs/node_modules/.installed: $(EXAMPLES)/nodejs/package.json $(EXAMPLES)/nodejs/package-lock.json \
-		idl/ringlm.thrift | thrift-compiler
+		idl/ringlm.thrift | thrift-compiler client-libraries
 	cd $(EXAMPLES)/nodejs && npm ci --no-audit --no-fund --loglevel=error
 	rm -rf $(EXAMPLES)/nodejs/gen-nodejs && mkdir -p $(EXAMPLES)/nodejs/gen-nodejs
 	thrift --gen js:node -out $(EXAMPLES)/nodejs/gen-nodejs idl/ringlm.thrift
 	touch $@
 
-$(EXAMPLES)/cpp/build/ringlm_example: $(CLIENT_GEN)/.generated $(wildcard $(EXAMPLES)/cpp/*.cpp) $(EXAMPLES)/cpp/Makefile
+$(EXAMPLES)/cpp/build/ringlm_example: $(CLIENT_GEN)/.generated $(wildcard $(EXAMPLES)/cpp/*.cpp) \
+		$(EXAMPLES)/cpp/Makefile | client-libraries
 	$(MAKE) -C $(EXAMPLES)/cpp GEN=$(abspath $(CLIENT_GEN)/cpp)
 
-$(EXAMPLES)/java/build/.built: $(CLIENT_GEN)/.generated $(wildcard $(EXAMPLES)/java/*.java) $(EXAMPLES)/java/Makefile
+$(EXAMPLES)/java/build/.built: $(CLIENT_GEN)/.generated $(wildcard $(EXAMPLES)/java/*.java) \
+		$(EXAMPLES)/java/Makefile | client-libraries
 	$(MAKE) -C $(EXAMPLES)/java GEN=$(abspath $(CLIENT_GEN)/java)

@@ -34,16 +34,19 @@ class Language:
     make_target: str                     # relative to the repository root
     command: tuple[str, ...]             # runs the built example
     needs: tuple[tuple[str, str], ...]   # (what, path or program name) that must exist before it can build
+    fetched: tuple[tuple[str, str], ...] = ()   # (what, path) its make target downloads, from a registry
 
-    def missing(self) -> list[str]:
-        return [what for what, thing in self.needs
+    def missing(self, needs=None) -> list[str]:
+        return [what for what, thing in (self.needs if needs is None else needs)
                 if not (Path(thing).exists() if thing.startswith("/") else shutil.which(thing))]
 
 
 LANGUAGES = {
     "nodejs": Language("nodejs", "clients/examples/nodejs/node_modules/.installed",
                        ("node", str(EXAMPLES / "nodejs" / "example.js")),
-                       (("Node.js (node)", "node"), ("npm", "npm"), ("the Thrift compiler", "thrift"))),
+                       (("Node.js (node)", "node"), ("npm", "npm"), ("the Thrift compiler", "thrift")),
+                       (("npm's thrift package (npm ci)",
+                         str(EXAMPLES / "nodejs" / "node_modules" / "thrift" / "package.json")),)),
     "cpp": Language("cpp", "clients/examples/cpp/build/ringlm_example",
                     (str(EXAMPLES / "cpp" / "build" / "ringlm_example"),),
                     (("a C++ compiler (g++)", "g++"), ("the Thrift compiler", "thrift"),
@@ -70,7 +73,11 @@ def built():
             continue
         # With everything installed, a build that fails is a failure of the test, not a skip.
         done = subprocess.run(["make", "-C", str(ROOT), language.make_target], capture_output=True, text=True)
-        reasons[language.name] = done if done.returncode else None
+        unfetched = language.missing(language.fetched) if done.returncode else []
+        if unfetched:   # the registry could not be reached: installing it is impossible here
+            reasons[language.name] = f"{', '.join(unfetched)} could not be installed: {done.stderr[-500:]}"
+        else:
+            reasons[language.name] = done if done.returncode else None
     return reasons
 
 
