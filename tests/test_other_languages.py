@@ -1,6 +1,7 @@
 """The example clients in clients/examples/ (Node.js, C++, Java), built from the Apache Thrift compiler's code, run
 against a real worker and get what ringlm's own Python client gets: the same token ids for a text, the same tokens
-for a seeded generate, a stream that adds up to the non-streamed result, and the IDL's typed exceptions.
+for a seeded generate, a stream that adds up to the non-streamed result, and the IDL's typed exceptions
+(InvalidRequest naming its field, Overloaded with its retry-after, Unauthorized), over TLS and the token too.
 
 `make clients` (a prerequisite of `make test`) installs the compilers and libraries and builds the examples; the
 fixture below runs the example's own make target once per session too, so that a test run alone is up to date.
@@ -222,3 +223,26 @@ def test_a_wrong_token_is_unauthorized(language, secure_server):
     status, output = run_example(language, secure_server.port, *tls_flags(secure_server.certificates),
                                  "--token", "not-the-token", env=env)
     assert status != 0 and output["error"] == "Unauthorized" and output["message"]
+
+
+# -- Overloaded
+
+@pytest.fixture(scope="module")
+def crowded_server(tmp_path_factory):
+    """A worker whose one stream is taken: a stream nobody polls stays open, so open_stream is Overloaded."""
+    log = tmp_path_factory.mktemp("other-languages-crowded") / "worker.log"
+    with running_worker(tiny_model_folder(tmp_path_factory), log, "--max-open-streams", "1") as worker:
+        holder = connect(worker.port)
+        try:
+            holder.open_stream(thrift.GenerateRequest(prompt="Hello", max_tokens=4))
+            yield worker
+        finally:
+            holder.close()
+
+
+def test_overloaded_comes_with_its_retry_after(language, crowded_server):
+    status, output = run_example(language, crowded_server.port, "--text", "Hello", "--max-tokens", "4")
+    assert status != 0
+    assert output["error"] == "Overloaded" and "streams are open" in output["message"]
+    assert isinstance(output["retry_after_ms"], int) and output["retry_after_ms"] >= 0
+    assert output["draining"] is False
