@@ -128,3 +128,24 @@ $(EXAMPLES)/cpp/build/ringlm_example: $(CLIENT_GEN)/.generated $(wildcard $(EXAM
 $(EXAMPLES)/java/build/.built: $(CLIENT_GEN)/.generated $(wildcard $(EXAMPLES)/java/*.java) \
 		$(EXAMPLES)/java/Makefile | client-libraries
 	$(MAKE) -C $(EXAMPLES)/java GEN=$(abspath $(CLIENT_GEN)/java)
+
+# The reliability suites (RELIABILITY.md): each writes its table into RELIABILITY.md, its data under build/reliability/.
+.PHONY: chaos soak
+
+# Chaos (tests/chaos.py): `ringlm serve --workers 3` under 16 streams and 2 generates through the ring client,
+# a worker killed with SIGKILL every 10 s for CHAOS_SECONDS; fails if a request is lost or a token differs
+# from the undisturbed run. CHAOS_MODEL=default runs SmolLM2-135M instead of the tiny random model.
+CHAOS_SECONDS ?= 300
+CHAOS_MODEL ?= tiny
+chaos: install
+	$(PY) -m tests.chaos --duration-s $(CHAOS_SECONDS) --model $(CHAOS_MODEL) \
+		--json build/reliability/chaos.json --doc RELIABILITY.md
+
+# Soak (tests/soak.py): one worker under the load test's closed loop for SOAK_SECONDS, its RSS, descriptors,
+# threads, greenlets and open streams sampled every 10 s; fails if one grows more than 5% after the warm-up
+# (the first sixth). The curves go to docs/soak.png.
+SOAK_SECONDS ?= 1800
+SOAK_MODEL ?= tiny
+soak: install
+	$(PY) -m tests.soak --duration-s $(SOAK_SECONDS) --model $(SOAK_MODEL) \
+		--json build/reliability/soak.json --png docs/soak.png --doc RELIABILITY.md

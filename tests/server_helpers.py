@@ -224,3 +224,102 @@ def tiny_model_folder(tmp_path_factory) -> Path:
     if not (folder / "tokenizer_config.json").exists():
         write_tiny_model(folder)
     return folder
+
+
+# -- `ringlm serve`: the supervisor and its workers
+
+def consecutive_free_ports(count: int) -> int:
+    """A port P such that P..P+count-1 are free now."""
+    for _ in range(50):
+        base = free_port()
+        try:
+            for offset in range(count):
+                with socket.socket() as sock:
+                    sock.bind(("127.0.0.1", base + offset))
+            return base
+        except OSError:
+            continue
+    raise AssertionError("no run of free ports")
+
+
+def parent_pid(pid: int) -> int | None:
+    """The parent of process `pid` (from /proc), or None when it is gone."""
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except OSError:
+        return None
+    return int(stat.rpartition(")")[2].split()[1])   # the name in parentheses may hold spaces
+
+
+class SupervisedCluster:
+    """`ringlm serve --workers N` on consecutive free ports: the supervisor process, whose workers
+    are found through their `status` (its pid) and killed one by one with `kill_worker`."""
+
+    def __init__(self, model: Path | str, log_path: Path, workers: int, *flags: str, metrics: bool = False):
+        self.port = consecutive_free_ports(workers)
+        self.ports = [self.port + index for index in range(workers)]
+        self.addresses = [f"127.0.0.1:{port}" for port in self.ports]
+        self.metrics_port = consecutive_free_ports(workers) if metrics else None
+        self.log_path = log_path
+        argv = [sys.executable, "-m", "ringlm.cli", "serve", "--model", str(model), "--port", str(self.port),
+                "--workers", str(workers), "--torch-threads", "1", "--max-seq-len", "256", *flags]
+        if self.metrics_port is not None:
+            argv += ["--metrics-port", str(self.metrics_port)]
+        with open(log_path, "wb") as log:
+            self.process = subprocess.Popen(argv, stdout=log, stderr=subprocess.STDOUT)
+
+    def __enter__(self) -> SupervisedCluster:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.stop()
+
+    def status(self, port: int, timeout_s: float = 5.0):
+        """The worker's ServerStatus, or None when it does not answer (dead, restarting, loading)."""
+        try:
+            return probe.probe(f"127.0.0.1:{port}", "status", timeout_s=timeout_s)
+        except Exception:   # refused, reset or timed out: not there now
+            return None
+
+    def worker_pid(self, port: int) -> int | None:
+        """The pid of the worker answering on `port`, if it is this supervisor's child."""
+        status = self.status(port)
+        if status is None or parent_pid(status.pid) != self.process.pid:
+            return None
+        return status.pid
+
+    def wait_ready(self, timeout_s: float = READY_TIMEOUT_S) -> SupervisedCluster:
+        """Wait until every worker answers `status` as ready; fails with the log if the supervisor exits."""
+        deadline = time.monotonic() + timeout_s
+        waiting = list(self.ports)
+        while waiting:
+            if self.process.poll() is not None:
+                raise AssertionError(f"the supervisor exited with {self.process.returncode}:\n{self.log()}")
+            if time.monotonic() > deadline:
+                raise AssertionError(f"workers on {waiting} not ready within {timeout_s} s:\n{self.log()[-5000:]}")
+            waiting = [port for port in waiting if not getattr(self.status(port), "ready", False)]
+            if waiting:
+                time.sleep(POLL_S)
+        return self
+
+    def kill_worker(self, port: int) -> int | None:
+        """SIGKILL the worker on `port` (never the supervisor); its pid, or None when none answered."""
+        pid = self.worker_pid(port)
+        if pid is None:
+            return None
+        os.kill(pid, signal.SIGKILL)
+        return pid
+
+    def log(self) -> str:
+        return self.log_path.read_text(errors="replace")
+
+    def stop(self, timeout_s: float = 120.0) -> int:
+        """SIGTERM the supervisor (its workers drain) and wait; kill it if it does not exit in time."""
+        if self.process.poll() is None:
+            self.process.send_signal(signal.SIGTERM)
+            try:
+                self.process.wait(timeout=timeout_s)
+            except subprocess.TimeoutExpired:
+                self.process.kill()   # its workers get SIGTERM from the kernel (PR_SET_PDEATHSIG)
+                self.process.wait()
+        return self.process.returncode

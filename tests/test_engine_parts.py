@@ -73,6 +73,24 @@ def test_prefix_of_a_running_sequence_is_copied():
     assert other.slot != running.slot
 
 
+def test_a_copy_target_records_the_copied_prefix_not_what_it_held_before():
+    """Found by the chaos run: the slot a prefix is copied into kept its evicted sequence's ids, so until
+    its own prefill recorded anew (never, when only the prompt's last token was left to run) a later
+    request matching those old ids copied out the other prompt's keys and values: wrong tokens."""
+    table = SlotTable(3)
+    old = list(range(500, 500 + MIN_COPIED_PREFIX + 4))
+    table.release(table.acquire(old).slot, old)                 # slot 0 keeps `old`
+    table.release(table.acquire([9, 9]).slot, [9, 9])           # slot 1 keeps another, used more recently
+    shared = list(range(100, 100 + MIN_COPIED_PREFIX + 4))
+    running = table.acquire(shared + [1])
+    table.update(running.slot, shared + [1])
+    twin = table.acquire(shared + [1])                          # the same prompt again: copied into slot 0, the LRU
+    assert (twin.copy_from, twin.slot) == (running.slot, 0)
+    assert list(table.slots[twin.slot].tokens) == shared
+    again = table.acquire(old + [7])                            # must not take `shared`'s keys for `old`
+    assert again.copy_from is None and again.reused_tokens == 0
+
+
 def test_lru_eviction_and_exhaustion():
     table = SlotTable(2)
     a, b = table.acquire([1, 1]), table.acquire([2, 2])

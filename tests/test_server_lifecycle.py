@@ -17,8 +17,8 @@ from pathlib import Path
 import pytest
 
 from ringlm.idl import ringlm_thrift as thrift
-from tests.server_helpers import (WorkerProcess, answers_health, connect, free_port, pid_alive, running_worker,
-                                  tiny_model_folder, wait_until, write_certificates)
+from tests.server_helpers import (WorkerProcess, answers_health, connect, consecutive_free_ports, free_port, pid_alive,
+                                  running_worker, tiny_model_folder, wait_until, write_certificates)
 
 LONG = 240
 
@@ -141,20 +141,6 @@ def test_work_still_running_when_the_grace_ends_is_sent_away_not_dropped(model_d
 
 
 # -- supervisor and `ringlm status`
-
-def consecutive_free_ports(count: int) -> int:
-    """A port P such that P..P+count-1 are free now."""
-    for _ in range(50):
-        base = free_port()
-        try:
-            for offset in range(count):
-                with socket.socket() as sock:
-                    sock.bind(("127.0.0.1", base + offset))
-            return base
-        except OSError:
-            continue
-    raise AssertionError("no run of free ports")
-
 
 def worker_pid(port: int) -> int | None:
     try:

@@ -80,15 +80,15 @@ class SlotTable:
         busy, busy_length = self._best_match([s for s in self.slots if s.busy], prompt, usable)
         self.stats.lookups += 1
         if self.prefix_cache and kept is not None and kept_length >= busy_length and kept_length > 0:
-            return self._take(kept, kept_length)
+            return self._take(kept, prompt[:kept_length])
         target = min(free, key=lambda s: (len(s.tokens) > 0, s.last_used))   # empty first, then LRU
         if len(target.tokens):
             self.stats.evictions += 1
         if self.prefix_cache and busy is not None and busy_length >= MIN_COPIED_PREFIX:
-            acquired = self._take(target, busy_length)
+            acquired = self._take(target, prompt[:busy_length])
             acquired.copy_from = busy.index
             return acquired
-        return self._take(target, 0)
+        return self._take(target, prompt[:0])
 
     def _best_match(self, slots: list[Slot], prompt: np.ndarray, usable: int):
         best, best_length = None, 0
@@ -100,12 +100,15 @@ class SlotTable:
                 best, best_length = slot, length
         return best, best_length
 
-    def _take(self, slot: Slot, reused: int) -> Acquired:
+    def _take(self, slot: Slot, prefix: np.ndarray) -> Acquired:
+        """Hand `slot` to a sequence whose first len(prefix) tokens' KV it will hold (kept there, or copied
+        in before the next forward): it records those tokens, not what the slot held before a copy."""
+        reused = len(prefix)
         if reused:
             self.stats.hits += 1
             self.stats.hit_tokens += reused
         slot.busy = True
-        slot.tokens = slot.tokens[:reused]
+        slot.tokens = prefix
         slot.last_used = next(self._clock)
         return Acquired(slot.index, reused)
 
