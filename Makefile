@@ -10,7 +10,7 @@ PYX := $(wildcard ext/*.pyx ext/*.pxd ext/*.h)
 PACKAGE_FILES = $(sort $(wildcard *.py) $(shell find idl ext server client \
 	-name '*.py' -o -name '*.pyx' -o -name '*.pxd' -o -name '*.h' -o -name '*.thrift'))
 
-.PHONY: install build demo test bench clean wheel-check thrift-compiler zookeeper clients FORCE
+.PHONY: install build demo test bench fuzz clean wheel-check thrift-compiler zookeeper clients client-libraries FORCE
 
 install: $(VENV)/.installed
 
@@ -49,11 +49,20 @@ build: install
 demo: install
 	$(VENV)/bin/ringlm demo
 
-test: install thrift-compiler zookeeper
+test: install thrift-compiler zookeeper clients
 	$(PY) -m pytest -q tests
 
 bench: install
 	$(PY) benchmarks/run_all.py
+
+# The differential wire fuzzer (tests/wire_fuzz.py), coverage-guided by atheris for FUZZ_SECONDS; the
+# corpus grows in build/fuzz/corpus, and a frame the checker and thriftpy2 disagree on lands in build/fuzz/.
+FUZZ_SECONDS ?= 3600
+fuzz: install
+	$(PIP) install --quiet atheris
+	mkdir -p build/fuzz/corpus
+	$(PY) -m tests.wire_fuzz --atheris build/fuzz/corpus -max_total_time=$(FUZZ_SECONDS) \
+		-max_len=2048 -rss_limit_mb=2048 -timeout=10 -artifact_prefix=build/fuzz/ -print_final_stats=1
 
 # Builds the wheel, installs it into fresh venvs (everything; the client alone) and imports every module there.
 wheel-check: install
@@ -61,7 +70,8 @@ wheel-check: install
 
 # build/ holds the development install's links: removing it calls for a re-install.
 clean:
-	rm -rf build ext/*.cpp ext/*.so *.egg-info clients $(VENV)/.installed
+	rm -rf build ext/*.cpp ext/*.so *.egg-info $(CLIENT_GEN) $(EXAMPLES)/*/build $(EXAMPLES)/nodejs/node_modules \
+		$(EXAMPLES)/nodejs/gen-nodejs $(VENV)/.installed
 
 # The Apache Thrift compiler (Debian's thrift-compiler): `make clients` and the interop tests use it.
 SUDO := $(if $(filter 0,$(shell id -u)),,sudo)
@@ -73,15 +83,51 @@ thrift-compiler:
 zookeeper:
 	@test -f /usr/share/java/zookeeper.jar || { $(SUDO) apt-get update && DEBIAN_FRONTEND=noninteractive $(SUDO) apt-get install -y zookeeper; }
 
-# Client code for other languages, generated from the IDL into clients/ (git-ignored: rerun this to refresh).
-CLIENT_LANGUAGES := java:java go:go nodejs:js:node cpp:cpp
-clients: thrift-compiler idl/ringlm.thrift
-	rm -rf clients
+# Client code for other languages: `make clients` generates it from the IDL into clients/gen/ (git-ignored:
+# rerun this to refresh) and builds the examples in clients/examples/ (Node.js, C++, Java) against it.
+# Each step is skipped when its output is newer than its inputs, so `make test` can depend on it cheaply.
+CLIENT_LANGUAGES := java:java:generated_annotations=suppress go:go nodejs:js:node cpp:cpp
+CLIENT_GEN := clients/gen
+EXAMPLES := clients/examples
+clients: client-libraries $(CLIENT_GEN)/.generated $(EXAMPLES)/nodejs/node_modules/.installed \
+	$(EXAMPLES)/cpp/build/ringlm_example $(EXAMPLES)/java/build/.built
+
+$(CLIENT_GEN)/.generated: idl/ringlm.thrift | thrift-compiler
+	rm -rf $(CLIENT_GEN)
 	@for pair in $(CLIENT_LANGUAGES); do \
 		folder=$${pair%%:*}; generator=$${pair#*:}; \
-		mkdir -p clients/$$folder && thrift --gen $$generator -out clients/$$folder idl/ringlm.thrift || exit 1; \
-		echo "clients/$$folder"; \
+		mkdir -p $(CLIENT_GEN)/$$folder && thrift --gen $$generator -out $(CLIENT_GEN)/$$folder idl/ringlm.thrift || exit 1; \
+		echo "$(CLIENT_GEN)/$$folder"; \
 	done
+	touch $@
+
+# What the examples build against, from Debian: the C++ library (its headers need Boost's; OpenSSL for TLS),
+# the Java library and the jars it needs at run time (slf4j), a JDK, Node.js with npm. apt-get runs only when
+# one is missing.
+CLIENT_PACKAGES := libthrift-dev libboost-dev libssl-dev pkg-config libthrift-java libslf4j-java \
+	default-jdk-headless nodejs npm
+client-libraries:
+	@test -f /usr/include/thrift/Thrift.h -a -f /usr/include/boost/numeric/conversion/cast.hpp \
+		-a -f /usr/include/openssl/ssl.h -a -f /usr/share/java/thrift.jar -a -f /usr/share/java/slf4j-simple.jar \
+		&& command -v pkg-config >/dev/null && command -v javac >/dev/null && command -v npm >/dev/null \
+		|| { $(SUDO) apt-get update && DEBIAN_FRONTEND=noninteractive $(SUDO) apt-get install -y $(CLIENT_PACKAGES); }
+
+# The npm `thrift` library at the version package-lock.json pins (the compiler's own, 0.17.0), and the code
+# generated next to the example, where Node.js resolves its require('thrift') to that library.
+$(EXAMPLES)/nodejs/node_modules/.installed: $(EXAMPLES)/nodejs/package.json $(EXAMPLES)/nodejs/package-lock.json \
+		idl/ringlm.thrift | thrift-compiler client-libraries
+	cd $(EXAMPLES)/nodejs && npm ci --no-audit --no-fund --loglevel=error
+	rm -rf $(EXAMPLES)/nodejs/gen-nodejs && mkdir -p $(EXAMPLES)/nodejs/gen-nodejs
+	thrift --gen js:node -out $(EXAMPLES)/nodejs/gen-nodejs idl/ringlm.thrift
+	touch $@
+
+$(EXAMPLES)/cpp/build/ringlm_example: $(CLIENT_GEN)/.generated $(wildcard $(EXAMPLES)/cpp/*.cpp) \
+		$(EXAMPLES)/cpp/Makefile | client-libraries
+	$(MAKE) -C $(EXAMPLES)/cpp GEN=$(abspath $(CLIENT_GEN)/cpp)
+
+$(EXAMPLES)/java/build/.built: $(CLIENT_GEN)/.generated $(wildcard $(EXAMPLES)/java/*.java) \
+		$(EXAMPLES)/java/Makefile | client-libraries
+	$(MAKE) -C $(EXAMPLES)/java GEN=$(abspath $(CLIENT_GEN)/java)
 
 # The reliability suites (RELIABILITY.md): each writes its table into RELIABILITY.md, its data under build/reliability/.
 .PHONY: chaos soak

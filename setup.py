@@ -18,7 +18,7 @@ from setuptools import Extension, find_packages, setup
 # The folders that install under ringlm; tests/, benchmarks/, docs/ and scripts/ stay out of the wheel.
 FOLDERS = ["idl", "ext", "server", "client"]
 
-CYTHON_MODULES = ["_bpe", "_sampling", "_ring"]
+CYTHON_MODULES = ["_bpe", "_sampling", "_ring", "_wire"]
 
 
 def packages() -> list[str]:

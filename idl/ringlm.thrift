@@ -7,8 +7,11 @@
 // Transport errors: a frame longer than the server's limit (1 MiB by default), a
 // frame that does not arrive in time, or bytes that are not a message close the
 // connection; a framed message that is malformed (a length past the frame, a
-// string that is not UTF-8) gets TApplicationException PROTOCOL_ERROR and the
-// connection stays usable.
+// list, set or map whose element types are not the ones declared here, a string
+// that is not UTF-8) gets TApplicationException PROTOCOL_ERROR and the
+// connection stays usable. On a server that requires authenticate(), a call of
+// any other method but health() and ready() before it gets Unauthorized, its
+// arguments unread; those two and authenticate() must then fit in 4 KiB.
 //
 // Conventions: durations are milliseconds (fields end in _ms); token ids are
 // the model's vocabulary ids; text is UTF-8. Optional fields left unset take
@@ -229,7 +232,7 @@ service Generator {
               6: ModelError model_error),
 
   /** End a request at the next step, from any connection that knows its id; false if the server does not know it. */
-  bool cancel(1: string request_id) throws (5: Unauthorized unauthorized),
+  bool cancel(1: string request_id) throws (1: InvalidRequest invalid, 5: Unauthorized unauthorized),
 
   list<i32> tokenize(1: string text, 2: bool add_special_tokens, 3: bool parse_special)
       throws (1: InvalidRequest invalid, 5: Unauthorized unauthorized),

@@ -38,6 +38,8 @@ AUTH_FAILURE_DELAY_S = 0.1        # the first wrong token's delay; it doubles wi
 MAX_AUTH_FAILURE_DELAY_S = 2.0
 MAX_AUTH_FAILURES = 5             # wrong tokens a connection may send before it is closed
 MODEL_ERROR_MESSAGE = "the model produced invalid logits (NaN or all -inf) for this request"
+NOT_AUTHENTICATED = "this server requires authenticate(token) first on each connection"
+AUTH_FREE_METHODS = frozenset({"health", "ready", "authenticate"})   # callable before authenticate()
 SAMPLING_FIELDS = ("temperature", "top_k", "top_p", "min_p", "repetition_penalty", "presence_penalty",
                    "frequency_penalty", "seed", "logit_bias")
 
@@ -162,9 +164,16 @@ class ConnectionHandler:
             raise thrift.Unauthorized(message="wrong auth token")
         self.authenticated = True
 
+    def refusal(self, method: str) -> thrift.Unauthorized | None:
+        """Unauthorized if this connection may not call `method` yet: decided by the name alone, so the
+        worker refuses such a call before it reads (or even checks) the arguments."""
+        if self.authenticated or method in AUTH_FREE_METHODS:
+            return None
+        return thrift.Unauthorized(message=NOT_AUTHENTICATED)
+
     def _check_auth(self) -> None:
         if not self.authenticated:
-            raise thrift.Unauthorized(message="this server requires authenticate(token) first on each connection")
+            raise thrift.Unauthorized(message=NOT_AUTHENTICATED)
 
     def health(self) -> bool:
         """Liveness: the process answers and its engine loop runs (a dead loop also exits the worker)."""

@@ -53,6 +53,9 @@ DRAIN_POLL_S = 0.05
 KEEPALIVE_IDLE_S, KEEPALIVE_INTERVAL_S, KEEPALIVE_PROBES = 30, 10, 3   # a vanished peer is noticed in ~60 s
 RESERVED_FILES = 256       # open files beyond the connections: model files, metrics, ZooKeeper, threads
 DRAIN_ANSWER_S = 5.0       # after the grace, how long sent-away callers have to collect their answer
+# Before authenticate() only health, ready and authenticate(token) are read: their frames are small, so
+# an unknown client gets nothing walked at length (their unknown fields included).
+PRE_AUTH_MAX_FRAME_BYTES = 4096
 
 
 class FrameError(Exception):
@@ -158,14 +161,34 @@ class InboundConnection:
             raise FrameError(str(error)) from None   # no method name or sequence id to reply to
         output = TCyBinaryProtocol(TCyMemoryBuffer())
         try:
-            wire.check_body(frame, header.body_start)
-            self.call(TCyBinaryProtocol(TCyMemoryBuffer(frame), strict_decode=True), output)
+            if not self.answer_unread(header, len(frame), output):
+                wire.check_body(frame, header)
+                self.call(TCyBinaryProtocol(TCyMemoryBuffer(frame), strict_decode=True), output)
         except wire.MalformedMessage as error:
             output = TCyBinaryProtocol(TCyMemoryBuffer())
             self.processor.send_exception(output, header.name, TApplicationException(
                 TApplicationException.PROTOCOL_ERROR, f"malformed {header.name} call: {error}"), header.seqid)
         reply = output.trans.getvalue()
         return FRAME_HEADER.pack(len(reply)) + reply
+
+    def answer_unread(self, header: wire.MessageHeader, frame_size: int, output: TCyBinaryProtocol) -> bool:
+        """Answer by its name alone a call whose arguments are not worth reading (an unknown method, or one
+        that needs authentication on a connection without it); true if answered. MalformedMessage for a
+        call allowed before authentication that is larger than such calls are."""
+        name, seqid = header.name, header.seqid
+        if name not in wire.METHODS:
+            self.processor.send_exception(output, name, TApplicationException(
+                TApplicationException.UNKNOWN_METHOD, f"no method {name!r}"), seqid)
+            return True
+        if (refusal := self.handler.refusal(name)) is not None:
+            result = getattr(thrift.Generator, f"{name}_result")()
+            self.processor.handle_exception(refusal, result)   # every such method declares Unauthorized
+            self.processor.send_result(output, name, result, seqid)
+            return True
+        if not self.handler.authenticated and frame_size > PRE_AUTH_MAX_FRAME_BYTES:
+            raise wire.MalformedMessage(f"{frame_size} bytes: before authenticate() a call takes at most "
+                                        f"{PRE_AUTH_MAX_FRAME_BYTES}")
+        return False
 
     def call(self, input_protocol: TCyBinaryProtocol, output: TCyBinaryProtocol) -> None:
         """thriftpy2's TProcessor.process, except that an undeclared error becomes INTERNAL_ERROR."""

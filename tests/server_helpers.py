@@ -199,6 +199,25 @@ def pid_alive(pid: int) -> bool:
     return True
 
 
+def write_certificates(folder: Path) -> Path:
+    """A CA (ca.pem), a server certificate for 127.0.0.1 (server.pem, server.key) and a client certificate
+    (client.pem, client.key), all signed by the CA, written into folder with the openssl command."""
+    def openssl(*args: str) -> None:
+        subprocess.run(["openssl", *args], check=True, capture_output=True)
+
+    ca_key, ca_cert = folder / "ca.key", folder / "ca.pem"
+    openssl("req", "-x509", "-newkey", "rsa:2048", "-nodes", "-keyout", str(ca_key), "-out", str(ca_cert),
+            "-days", "2", "-subj", "/CN=ringlm test CA")
+    for name, extension in (("server", "subjectAltName=IP:127.0.0.1"), ("client", "extendedKeyUsage=clientAuth")):
+        key, request, cert = folder / f"{name}.key", folder / f"{name}.csr", folder / f"{name}.pem"
+        openssl("req", "-newkey", "rsa:2048", "-nodes", "-keyout", str(key), "-out", str(request),
+                "-subj", f"/CN=ringlm test {name}")
+        (folder / f"{name}.ext").write_text(extension + "\n")
+        openssl("x509", "-req", "-in", str(request), "-CA", str(ca_cert), "-CAkey", str(ca_key),
+                "-CAcreateserial", "-out", str(cert), "-days", "2", "-extfile", str(folder / f"{name}.ext"))
+    return folder
+
+
 def tiny_model_folder(tmp_path_factory) -> Path:
     """The tiny model folder, written once per test session and shared by the server test modules."""
     folder = tmp_path_factory.getbasetemp() / "tiny-model"

@@ -372,3 +372,26 @@ def test_send_away_ends_queued_requests_and_then_running_ones(model, tokenizer):
     result = running.result()
     assert result.finish_reason == FinishReason.SENT_AWAY and 0 < len(result.token_ids) < 50
     assert engine.stats()["slots_busy"] == 0
+
+
+def test_a_request_admitted_by_a_step_that_raises_fails_instead_of_hanging(model, tokenizer, monkeypatch):
+    """The scheduler moved it out of the queue before the fault: it must still get an answer."""
+    engine = make_gevent_engine(model, tokenizer)
+    loop = EngineLoop(engine)
+    real_batch = engine.scheduler._batch
+    faults = iter([True])
+
+    def batch_once_broken():
+        if next(faults, False):
+            raise RuntimeError("a fault between admission and the batch")
+        return real_batch()
+
+    monkeypatch.setattr(engine.scheduler, "_batch", batch_once_broken)
+    loop.start()
+    try:
+        admitted = engine.submit(request(tokenizer, "admitted", "a", max_tokens=5))
+        assert admitted.result(timeout=60).finish_reason == FinishReason.ERROR
+        later = engine.submit(request(tokenizer, "later", "b", max_tokens=5))
+        assert later.result(timeout=60).finish_reason == FinishReason.LENGTH
+    finally:
+        loop.stop()

@@ -18,7 +18,7 @@ import pytest
 
 from ringlm.idl import ringlm_thrift as thrift
 from tests.server_helpers import (WorkerProcess, answers_health, connect, consecutive_free_ports, free_port, pid_alive,
-                                  running_worker, tiny_model_folder, wait_until)
+                                  running_worker, tiny_model_folder, wait_until, write_certificates)
 
 LONG = 240
 
@@ -242,25 +242,9 @@ def test_cluster_command_starts_count_servers_prints_them_and_stops_them_on_ctrl
 
 # -- TLS and auth
 
-def openssl(*args: str) -> None:
-    subprocess.run(["openssl", *args], check=True, capture_output=True)
-
-
 @pytest.fixture(scope="module")
 def certificates(tmp_path_factory):
-    """A CA, a server certificate for 127.0.0.1 and a client certificate, all signed by the CA."""
-    folder = tmp_path_factory.mktemp("tls")
-    ca_key, ca_cert = folder / "ca.key", folder / "ca.pem"
-    openssl("req", "-x509", "-newkey", "rsa:2048", "-nodes", "-keyout", str(ca_key), "-out", str(ca_cert),
-            "-days", "2", "-subj", "/CN=ringlm test CA")
-    for name, extension in (("server", "subjectAltName=IP:127.0.0.1"), ("client", "extendedKeyUsage=clientAuth")):
-        key, request, cert = folder / f"{name}.key", folder / f"{name}.csr", folder / f"{name}.pem"
-        openssl("req", "-newkey", "rsa:2048", "-nodes", "-keyout", str(key), "-out", str(request),
-                "-subj", f"/CN=ringlm test {name}")
-        (folder / f"{name}.ext").write_text(extension + "\n")
-        openssl("x509", "-req", "-in", str(request), "-CA", str(ca_cert), "-CAkey", str(ca_key),
-                "-CAcreateserial", "-out", str(cert), "-days", "2", "-extfile", str(folder / f"{name}.ext"))
-    return folder
+    return write_certificates(tmp_path_factory.mktemp("tls"))
 
 
 def tls_context(certificates, client_certificate: bool = True) -> ssl.SSLContext:

@@ -171,6 +171,12 @@ def test_an_unknown_method_gets_unknown_method(server):
     assert error.type == TApplicationException.UNKNOWN_METHOD
 
 
+def test_an_unknown_method_is_answered_by_name_with_its_arguments_unread(server):
+    error = call_raw(raw_connection(server.port), header("format_disk") + field(15, 1) + b"\x0c\x7f")
+    assert isinstance(error, TApplicationException)
+    assert error.type == TApplicationException.UNKNOWN_METHOD and "format_disk" in error.message
+
+
 def test_a_message_cut_short_inside_its_frame_gets_a_protocol_error_and_the_connection_goes_on(server):
     sock = raw_connection(server.port)
     whole = message("tokenize", thrift.Generator.tokenize_args(text="hello", add_special_tokens=False))
@@ -186,7 +192,11 @@ def test_a_message_cut_short_inside_its_frame_gets_a_protocol_error_and_the_conn
     header("apply_chat_template") + field(15, 1) + struct.pack("!bi", 12, 2**31 - 1) + b"\x00",  # struct list
     header("tokenize") + field(1, 1) + b"\x00",                                            # unknown type code
     header("tokenize") + (field(12, 1)) * 40 + b"\x00" * 41,                               # nested too deep
-], ids=["string", "negative-length", "i32-list", "struct-list", "type-code", "depth"])
+    # logit_bias (map<i32, double>) sent as map<string, string>: thriftpy2 reads the declared types and then
+    # a field hidden in the "string", whose length runs past the frame (2**31 - 1 would be gigabytes).
+    header("generate") + field(12, 1) + field(12, 4) + field(13, 9) + struct.pack("!bbi", 11, 11, 1)
+    + string(bytes(8) + field(11, 99) + struct.pack("!i", 200)) + string(b"") + b"\x00\x00\x00",
+], ids=["string", "negative-length", "i32-list", "struct-list", "type-code", "depth", "map-declared-types"])
 def test_lengths_that_do_not_fit_the_frame_get_a_protocol_error(server, body):
     error = call_raw(raw_connection(server.port), body)
     assert isinstance(error, TApplicationException)

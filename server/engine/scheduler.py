@@ -214,7 +214,7 @@ class Scheduler:
         """The chunk's tokens are in the cache now; a prefilled prefix becomes shareable."""
         state = chunk.state
         state.cached += chunk.count
-        if chunk.count > 1 or not chunk.sample:   # a prefill: decodes skip the O(length) copy
+        if chunk.start < state.num_prompt or chunk.count > 1:   # a prefill: decodes skip the O(length) copy
             self.slots.update(state.slot, state.token_ids[:state.cached])
 
     def release(self, state: RequestState) -> None:
